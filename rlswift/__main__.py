@@ -1,0 +1,5 @@
+import sys
+
+from rlswift.cli import main
+
+sys.exit(main())

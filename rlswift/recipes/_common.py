@@ -1,0 +1,121 @@
+"""Pieces both recipes call: run-folder setup, resume, the model hook, LR schedules, fault points, the plot."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from rlswift import config as cfglib
+from rlswift.checkpoint import CheckpointManager
+from rlswift.models.policy import load_policy_state, policy_state_dict
+
+
+class ModelHook:
+    """State hook for the policy: all weights for full fine-tuning, only the adapter tensors for LoRA."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return policy_state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_policy_state(self.model, state)
+
+
+def build_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """LambdaLR with linear warmup then constant / linear decay / cosine decay over ``total_steps``."""
+    if kind not in ("constant", "linear", "cosine"):
+        raise cfglib.ConfigError(f"lr_scheduler={kind!r}: choose 'constant', 'linear' or 'cosine'")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:
+    """Create the run folder; refuse to mix a new run into an existing one unless asked to resume or overwrite."""
+    has_run = out.exists() and any((out / n).exists() for n in ("metrics.jsonl", "latest", "config.yaml"))
+    if has_run and overwrite:
+        shutil.rmtree(out)
+    elif has_run and resume is None:
+        raise SystemExit(
+            f"error: {out} already holds a run. Continue it with resume=auto, or start over with overwrite=true, "
+            f"or pick another output_dir=...")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def resume_or_start(ckpt: CheckpointManager, registry, cfg, run_length_keys: set[str]) -> Path | None:
+    """Load the checkpoint that ``cfg.resume`` names into every hook; with none, start from the fresh state.
+
+    A resume whose config changes what the run computes is refused, naming the keys; run-length keys may change.
+    """
+    path = ckpt.resolve_resume(cfg.resume) if cfg.resume else None
+    if path is None:
+        # No checkpoint: logs from a run that died before its first save are not part of this run.
+        for name in ("metrics_log", "trajectories_log"):
+            if name in registry:
+                registry.get(name).load_state_dict({"offset": 0})
+        return None
+    manifest = ckpt.read_manifest(path) if hasattr(ckpt, "read_manifest") else None
+    saved = (manifest or {}).get("config") or {}
+    changed = cfglib.changed_keys(saved, cfglib.to_dict(cfg), run_length_keys)
+    if changed:
+        raise SystemExit(
+            f"error: resume from {path} refused: the config changes what the run computes:\n  "
+            + "\n  ".join(changed)
+            + f"\nResume with the saved settings (they are in {path}/manifest.json), or start a new output_dir. "
+            f"Keys that may change on resume: {', '.join(sorted(run_length_keys))}")
+    ckpt.load(path, registry)
+    ckpt.protect = path
+    return path
+
+
+def fault_point(step: int) -> None:
+    """Test hook: ``RLSWIFT_FAULT=kill@N`` SIGKILLs, ``term@N`` SIGTERMs this process in the middle of step N."""
+    fault = os.environ.get("RLSWIFT_FAULT", "")
+    for item in filter(None, fault.split(",")):
+        kind, _, at = item.partition("@")
+        if kind in ("kill", "term") and at.isdigit() and int(at) == step:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+
+
+def plot_rewards(metrics_path: Path, png_path: Path, key: str = "reward", window: int = 5) -> None:
+    """Plot per-step mean reward and its moving average to ``png_path``."""
+    from rlswift.runlog import read_jsonl
+
+    rows = list(read_jsonl(metrics_path))
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    vals = [r[key] for r in rows]
+    avg = [sum(vals[max(0, i - window + 1):i + 1]) / len(vals[max(0, i - window + 1):i + 1]) for i in range(len(vals))]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, vals, alpha=0.35, label=f"{key} (per step)")
+    ax.plot(steps, avg, linewidth=2, label=f"moving average ({window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)

