@@ -21,3 +21,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     cache = os.environ.get("RLSWIFT_TEST_MODEL_CACHE")
     root = Path(cache) if cache else tmp_path_factory.mktemp("models")
     return tiny_model_path(root)
+
+
+@pytest.fixture(scope="session")
+def rlswift_cache(tmp_path_factory) -> Path:
+    """An RLSWIFT_CACHE folder for subprocess runs, with the tiny model already built in it."""
+    from rlswift.models import tiny_model_path
+
+    root = tmp_path_factory.mktemp("rlswift-cache")
+    tiny_model_path(root / "models")
+    return root

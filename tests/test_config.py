@@ -79,7 +79,8 @@ def test_recipe_configs_have_a_docstring_per_field():
     import dataclasses
 
     from rlswift.recipes.dpo import DPOConfig
-    from rlswift.recipes.grpo import GRPOConfig, LoraConfig
+    from rlswift.recipes._common import LoraConfig
+    from rlswift.recipes.grpo import GRPOConfig
 
     for cls in (GRPOConfig, DPOConfig, LoraConfig):
         docs = cfglib.field_docs(cls)

@@ -7,13 +7,27 @@ import os
 import shutil
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlswift import config as cfglib
 from rlswift.checkpoint import CheckpointManager
+from rlswift.checkpoint.manager import read_manifest
 from rlswift.models.policy import load_policy_state, policy_state_dict
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank; 0 trains all weights (full fine-tuning)."""
+    alpha: int = 16
+    """LoRA scaling numerator (scaling = alpha / rank)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input; >0 draws from torch's CPU stream, which the rng hook saves."""
+    target_modules: str = "all-linear"
+    """Modules that get adapters: 'all-linear' or a comma-separated list of module names."""
 
 
 class ModelHook:
@@ -69,8 +83,7 @@ def resume_or_start(ckpt: CheckpointManager, registry, cfg, run_length_keys: set
             if name in registry:
                 registry.get(name).load_state_dict({"offset": 0})
         return None
-    manifest = ckpt.read_manifest(path) if hasattr(ckpt, "read_manifest") else None
-    saved = (manifest or {}).get("config") or {}
+    saved = read_manifest(path).get("config") or {}
     changed = cfglib.changed_keys(saved, cfglib.to_dict(cfg), run_length_keys)
     if changed:
         raise SystemExit(
@@ -119,3 +132,15 @@ def plot_rewards(metrics_path: Path, png_path: Path, key: str = "reward", window
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
+
+
+def run_cli(main) -> int:
+    """Run a recipe's main(); bad input (config, names, paths) ends with one 'error: ...' line, not a traceback."""
+    try:
+        return main()
+    except (cfglib.ConfigError, KeyError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("RLSWIFT_TRACEBACK"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}\n(set RLSWIFT_TRACEBACK=1 to see where)", file=sys.stderr)
+        return 2

@@ -21,20 +21,27 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from rlswift import config as cfglib  # noqa: E402
-from rlswift.algorithms.dpo import concatenated_batch, dpo_loss, dpo_metrics, sequence_logps  # noqa: E402
+from rlswift.algorithms.dpo import (  # noqa: E402
+    completion_lengths,
+    concatenated_batch,
+    dpo_loss,
+    dpo_metrics,
+    sequence_logps,
+)
 from rlswift.checkpoint import CheckpointManager  # noqa: E402
 from rlswift.data.preference import load_preference_dataset, tokenize_preference  # noqa: E402
 from rlswift.models import resolve_model  # noqa: E402
 from rlswift.models.policy import load_policy, load_tokenizer, make_reference, reference_logprobs_context  # noqa: E402
 from rlswift.recipes._common import (  # noqa: E402
+    LoraConfig,
     ModelHook,
     build_scheduler,
     fault_point,
+    run_cli,
     plot_rewards,
     prepare_run_dir,
     resume_or_start,
 )
-from rlswift.recipes.grpo import LoraConfig  # noqa: E402
 from rlswift.runlog import JsonlLog, read_jsonl  # noqa: E402
 from rlswift.signals import GracefulStop  # noqa: E402
 from rlswift.state import (  # noqa: E402
@@ -222,13 +229,16 @@ def main(argv: list[str] | None = None) -> int:
             totals: dict[str, float] = {}
             for k in range(cfg.gradient_accumulation_steps):
                 sub = slice(k * mb, (k + 1) * mb)
-                chosen, rejected, logit_stats = sequence_logps(model, collate(idx[sub]))
+                batch = collate(idx[sub])
+                chosen, rejected, logit_stats = sequence_logps(model, batch)
+                chosen_len, rejected_len = completion_lengths(batch)  # ipo normalises by completion length
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     chosen, rejected, ref[sub, 0], ref[sub, 1], beta=cfg.beta, loss_type=cfg.loss_type,
-                    label_smoothing=cfg.label_smoothing)
+                    label_smoothing=cfg.label_smoothing, chosen_lengths=chosen_len, rejected_lengths=rejected_len)
                 loss = losses.mean() / cfg.gradient_accumulation_steps
                 loss.backward()
-                m = dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected, logit_stats)
+                m = {"loss": float(losses.mean().detach()),
+                     **dpo_metrics(chosen_rewards, rejected_rewards, chosen, rejected, logit_stats)}
                 for key, v in m.items():
                     totals[key] = totals.get(key, 0.0) + float(v) / cfg.gradient_accumulation_steps
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
@@ -270,4 +280,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

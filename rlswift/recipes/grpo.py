@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from rlswift import config as cfglib  # noqa: E402
-from rlswift.algorithms.grpo import group_advantages, policy_loss  # noqa: E402
+from rlswift.algorithms.grpo import accumulation_scale, group_advantages, nanstd, policy_loss  # noqa: E402
 from rlswift.algorithms.logprobs import completion_logprobs  # noqa: E402
 from rlswift.checkpoint import CheckpointManager  # noqa: E402
 from rlswift.data.prompts import load_prompt_dataset, render_prompt  # noqa: E402
@@ -39,9 +39,11 @@ from rlswift.models.policy import (  # noqa: E402
     reference_logprobs_context,
 )
 from rlswift.recipes._common import (  # noqa: E402
+    LoraConfig,
     ModelHook,
     build_scheduler,
     fault_point,
+    run_cli,
     plot_rewards,
     prepare_run_dir,
     resume_or_start,
@@ -62,18 +64,6 @@ from rlswift.state import (  # noqa: E402
     user_hooks,
 )
 from rollout import Request, SamplingSpec, make_engine, sample_seed  # noqa: E402
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 0
-    """LoRA rank; 0 trains all weights (full fine-tuning)."""
-    alpha: int = 16
-    """LoRA scaling numerator (scaling = alpha / rank)."""
-    dropout: float = 0.0
-    """Dropout on the LoRA input; >0 draws from torch's CPU stream, which the rng hook saves."""
-    target_modules: str = "all-linear"
-    """Modules that get adapters: 'all-linear' or a comma-separated list of module names."""
 
 
 @dataclass
@@ -349,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                     timings["reward"] += t_w
                     for g in fresh:
                         returns.update(g["uid"], g["rewards"].tolist())
-                        if cfg.dynamic_sampling and bool((g["rewards"] == g["rewards"][0]).all()):
+                        if cfg.dynamic_sampling and float(nanstd(g["rewards"]).nan_to_num(0.0)) == 0.0:
                             dropped += 1
                             continue
                         pending.add(g)
@@ -399,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                     logps, old, batch["advantages"][rows], mask, cfg.loss_type, epsilon_low=cfg.epsilon,
                     epsilon_high=eps_high, ref_logprobs=batch["ref_logprobs"][rows] if "ref_logprobs" in batch else None,
                     beta=cfg.beta, max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
-                if cfg.loss_type != "dapo":  # dapo already divides by the tokens of the whole accumulated batch
-                    loss = loss / cfg.gradient_accumulation_steps
+                # dapo-like variants already divide by the tokens of the whole accumulated batch.
+                loss = loss * accumulation_scale(cfg.loss_type, cfg.gradient_accumulation_steps)
                 loss.backward()
                 losses.append(loss.detach())
                 m["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
@@ -422,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             lens = batch["completion_mask"].sum(1)
             record = {
                 "step": step, "epoch": progress.epoch, "loss": float(sum(losses)),
-                "reward": float(batch["rewards"].mean()), "reward_std": float(batch["rewards"].std()),
+                "reward": float(batch["rewards"].nanmean()), "reward_std": float(nanstd(batch["rewards"])),
                 "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                 "completion_length": float(lens.mean()), "completion_length_min": float(lens.min()),
                 "completion_length_max": float(lens.max()), "dropped_groups": int(batch.get("dropped_groups", 0)),
@@ -476,4 +466,4 @@ def summarize(out: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
