@@ -12,8 +12,11 @@ from e2e import compare_runs, run_cli
 from rlswift.runlog import read_jsonl
 
 pytestmark = pytest.mark.slow
+# The digit reward gives the random tiny model a learning signal; the curriculum is a user state hook (with its own
+# numpy generator) advanced by a reward function, loaded by dotted path as a user would.
 BASE = ["-m", "rlswift.recipes.grpo", "--config", "recipes/grpo_tiny.yaml",
-        "reward_funcs=[accuracy,userland.custom.digit_reward]"]
+        "reward_funcs=[accuracy,userland.custom.digit_reward,userland.custom.curriculum_reward]",
+        "state_hooks=[userland.custom.make_hooks]"]
 
 
 def grpo(out, *overrides, cache, fault=None):
@@ -39,7 +42,7 @@ def test_run_folder_and_learning_signal(reference):
     trajs = list(read_jsonl(reference / "trajectories.jsonl"))
     assert [m["step"] for m in metrics] == list(range(1, 9))
     assert len(trajs) == 8 * 4 * 4
-    assert {"loss", "reward", "reward_std", "kl" if False else "grad_norm", "entropy", "completion_length"} <= set(metrics[0])
+    assert {"loss", "reward", "reward_std", "grad_norm", "entropy", "completion_length", "lr"} <= set(metrics[0])
     assert set(metrics[0]["timing"]) >= {"rollout", "reward", "train", "sync", "step"}
     t = trajs[0]
     assert {"step", "prompt_uid", "sample_idx", "seed", "prompt", "completion_ids", "completion", "rewards",
@@ -51,6 +54,12 @@ def test_run_folder_and_learning_signal(reference):
     assert sorted(p.name for p in reference.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
     assert (reference / "latest").read_text().strip() == "checkpoint-8"
     assert (reference / "config.yaml").exists()
+    from rlswift.checkpoint.inspect import read_hook_states
+
+    state = read_hook_states(reference / "checkpoint-8")
+    assert state["curriculum"]["calls"] == 8  # the user hook was saved with the run
+    assert {"model", "optimizer", "scheduler", "rng", "progress", "sampler", "generation_batch", "pending_groups",
+            "reward_cache", "episode_returns"} <= set(state)
 
 
 @pytest.mark.parametrize("fault", ["kill@5", "term@4", "kill-in-save@6"])
@@ -64,25 +73,29 @@ def test_resume_is_exact(reference, tmp_path, rlswift_cache, fault):
     compare_runs(reference, out, 8)
 
 
-@pytest.mark.parametrize(
-    "name,overrides,fault,steps",
-    [
-        # Kill inside a num_iterations block (steps 3-4 share a generation batch), with gradient accumulation.
-        ("iterations", ["num_iterations=2", "gradient_accumulation_steps=2", "max_steps=6"], "kill@4", 6),
-        # 8 prompts, 4 per step: checkpoint-2 falls exactly on an epoch boundary.
-        ("epoch", ["num_prompts=8", "save_steps=2", "max_steps=5"], "kill@3", 5),
-        ("lora", ["lora.rank=4", "lora.alpha=8", "max_steps=5", "learning_rate=5e-3"], "kill@5", 5),
-        ("hf_engine", ["engine=hf", "max_steps=5"], "kill@5", 5),
-        ("kl_dynamic", ["beta=0.1", "dynamic_sampling=true", "max_steps=4"], "term@2", 4),
-    ],
-)
-def test_resume_variants(tmp_path, rlswift_cache, name, overrides, fault, steps):
-    ref, res = tmp_path / "ref", tmp_path / "res"
+# Each variant: one uninterrupted run and one or more stopped+resumed runs compared against it.
+VARIANTS = {
+    # Generation batches reused for 2 steps (blocks 1-2, 3-4, ...), gradient accumulation, 8 prompts = 2 blocks per
+    # epoch. kill@4 resumes from checkpoint-3, in the middle of a block; term@4 saves exactly on an epoch boundary.
+    "iterations_epoch": (["num_iterations=2", "gradient_accumulation_steps=2", "num_prompts=8", "max_steps=6"],
+                         ["kill@4", "term@4"], 6),
+    # LoRA, the transformers engine, KL to the reference (adapter off) and dynamic sampling, together.
+    "lora_hf_kl_dynamic": (["lora.rank=4", "lora.alpha=8", "learning_rate=5e-3", "engine=hf", "beta=0.1",
+                            "dynamic_sampling=true", "max_steps=5"], ["kill@4"], 5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_resume_variants(tmp_path, rlswift_cache, name):
+    overrides, faults, steps = VARIANTS[name]
+    ref = tmp_path / "ref"
     ok(grpo(ref, *overrides, cache=rlswift_cache))
-    first = grpo(res, *overrides, cache=rlswift_cache, fault=fault)
-    assert first.returncode == (0 if fault.startswith("term") else -9), first.stderr[-3000:]
-    ok(grpo(res, *overrides, "resume=auto", cache=rlswift_cache))
-    compare_runs(ref, res, steps)
+    for fault in faults:
+        res = tmp_path / f"res-{fault.replace('@', '-')}"
+        first = grpo(res, *overrides, cache=rlswift_cache, fault=fault)
+        assert first.returncode == (0 if fault.startswith("term") else -9), first.stderr[-3000:]
+        ok(grpo(res, *overrides, "resume=auto", cache=rlswift_cache))
+        compare_runs(ref, res, steps)
 
 
 def test_bad_input_is_refused_clearly(tmp_path, rlswift_cache):

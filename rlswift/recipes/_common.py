@@ -138,7 +138,7 @@ def run_cli(main) -> int:
     """Run a recipe's main(); bad input (config, names, paths) ends with one 'error: ...' line, not a traceback."""
     try:
         return main()
-    except (cfglib.ConfigError, KeyError, FileNotFoundError, ValueError) as e:
+    except (cfglib.ConfigError, KeyError, FileNotFoundError, ValueError, ImportError) as e:
         if os.environ.get("RLSWIFT_TRACEBACK"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

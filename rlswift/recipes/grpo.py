@@ -102,7 +102,7 @@ class GRPOConfig:
     """Top-k sampling; 0 turns it off."""
     engine: str = "vllm"
     """Rollout engine: 'vllm' (in-process vLLM) or 'hf' (transformers, per-sample generators)."""
-    kv_cache_gib: float = 2.0
+    kv_cache_gib: int = 2
     """vLLM KV cache size in GiB (CPU)."""
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     """Reward functions: built-in names or dotted paths to f(prompts, completions, **kwargs) -> list[float]."""
@@ -306,11 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="grpo", dynamic_ncols=True)
     stop = GracefulStop()
+    last_save = 0.0
     with stop:
         while progress.step < cfg.max_steps:
             step = progress.step + 1  # the step being computed, 1-based
             t_step = time.perf_counter()
-            timings = {"rollout": 0.0, "reward": 0.0, "sync": 0.0, "save": 0.0}
+            timings = {"rollout": 0.0, "reward": 0.0, "sync": 0.0}
             new_batch = (step - 1) % cfg.num_iterations == 0
 
             # ---- rollout: a new generation batch every num_iterations steps ----
@@ -419,15 +420,16 @@ def main(argv: list[str] | None = None) -> int:
                 **{f"rewards/{k}": float(v) for k, v in zip(cfg.reward_funcs, batch["reward_func_means"])},
                 **stats,
             }
-            save_due = step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested
-            t0 = time.perf_counter()
             timings["train"] = t_train
             timings["step"] = time.perf_counter() - t_step
+            # A save's own time can only be reported on the next line: this line is in the checkpoint it measures.
+            timings["last_save"] = last_save
             record["timing"] = {k: round(v, 4) for k, v in timings.items()}
             metrics_log.write(record)
-            if save_due:
+            if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
+                t0 = time.perf_counter()
                 ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics={"reward": record["reward"]})
-                record["timing"]["save"] = round(time.perf_counter() - t0, 4)
+                last_save = time.perf_counter() - t0
             if bar is not None:
                 bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.4f}",
                                 s_per_step=f"{record['timing']['step']:.1f}")
