@@ -290,9 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     resumed_from = resume_or_start(ckpt, registry, cfg, RUN_LENGTH_KEYS)
     (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
 
+    # vLLM seeds the global torch/numpy/python streams when it starts; those belong to the run (and may just have
+    # been restored from the checkpoint), so the engine starts inside a snapshot of them.
+    snapshot = rng.state_dict()
     engine = make_engine(cfg.engine, str(model_path), dtype=cfg.dtype, seed=cfg.seed,
                          max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
                          **({"kv_cache_gib": cfg.kv_cache_gib} if cfg.engine == "vllm" else {}))
+    rng.load_state_dict(snapshot)
     spec = SamplingSpec(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_tokens=cfg.max_completion_length, stop_token_ids=(tokenizer.eos_token_id,))
     prompt_cache: dict[int, list[int]] = {}
