@@ -25,6 +25,7 @@ class JsonlLog:
     def write(self, record: dict[str, Any]) -> None:
         """Append one record as a line (numpy/tensor-free JSON; non-finite floats become null)."""
         self._fh.write(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        self._fh.flush()  # readable with tail -f while the run goes; durability comes from the checkpoint fsync
 
     def flush(self, fsync: bool = False) -> None:
         self._fh.flush()

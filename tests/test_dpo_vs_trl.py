@@ -11,13 +11,13 @@ the test checks the token ids equal TRL's tokenized dataset before comparing num
 import pytest
 import torch
 
+from rlswift.data.preference import tokenize_preference
 from rlswift.algorithms.dpo import (
     completion_lengths,
     concatenated_batch,
     dpo_loss,
     dpo_metrics,
     sequence_logps,
-    tokenize_preference,
 )
 
 ROWS_STANDARD = [
@@ -88,7 +88,7 @@ def test_dpo_matches_trl(tiny_model_dir, tmp_path, loss_type, fmt):
     beta = 0.1
     tok, trl_loss, trl_m, trl_tok = _trl(tiny_model_dir, rows, loss_type, beta, tmp_path)
 
-    ids = [tokenize_preference(tok, r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    ids = [tokenize_preference(tok, r) for r in rows]
     for mine, theirs in zip(ids, trl_tok):
         for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
             assert mine[k] == list(theirs[k]), k

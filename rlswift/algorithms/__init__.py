@@ -7,7 +7,6 @@ from rlswift.algorithms.dpo import (
     dpo_loss,
     dpo_metrics,
     sequence_logps,
-    tokenize_preference,
 )
 from rlswift.algorithms.grpo import LOSS_TYPES, LossContext, accumulation_scale, group_advantages, policy_loss
 from rlswift.algorithms.logprobs import completion_logprobs, entropy_from_logits, selective_log_softmax
@@ -27,5 +26,4 @@ __all__ = [
     "policy_loss",
     "selective_log_softmax",
     "sequence_logps",
-    "tokenize_preference",
 ]

@@ -27,7 +27,6 @@ __all__ = [
     "sequence_logps",
     "completion_lengths",
     "dpo_metrics",
-    "tokenize_preference",
 ]
 
 
@@ -205,39 +204,3 @@ def dpo_metrics(
     if logits_metrics:
         out.update(logits_metrics)
     return out
-
-
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def tokenize_preference(tokenizer: Any, prompt: Any, chosen: Any, rejected: Any) -> dict[str, list[int]]:
-    """Tokenize one preference row exactly as TRL 1.16 ``DPOTrainer`` does.
-
-    Standard rows (strings): eos is appended to chosen/rejected if absent, then ``prompt``, ``prompt+chosen`` and
-    ``prompt+rejected`` are tokenized. Conversational rows (message lists): the prompt with the generation prompt,
-    and prompt+completion without, through the chat template. The completion starts where the tokenized prompt and
-    prompt+completion diverge. Returns ``prompt_ids``, ``chosen_ids``, ``rejected_ids``.
-    """
-    if isinstance(prompt, str):
-        eos = tokenizer.eos_token
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
-        p = tokenizer(prompt)["input_ids"]
-        pc = tokenizer(prompt + chosen)["input_ids"]
-        pr = tokenizer(prompt + rejected)["input_ids"]
-    else:
-        def ids(messages: list, gen: bool) -> list[int]:
-            out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
-            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-
-        p = ids(prompt, True)
-        pc = ids(prompt + chosen, False)
-        pr = ids(prompt + rejected, False)
-    n = min(_common_prefix_length(p, pc), _common_prefix_length(p, pr))
-    return {"prompt_ids": p[:n], "chosen_ids": pc[n:], "rejected_ids": pr[n:]}

@@ -13,6 +13,8 @@ import os
 # In-process vLLM makes torch.set_num_threads a no-op; the thread count must be fixed before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM logs every weight reload at INFO/WARNING; keep the progress bar readable (override with VLLM_LOGGING_LEVEL).
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 import math  # noqa: E402
 import shutil  # noqa: E402
@@ -136,7 +138,7 @@ class GRPOConfig:
     """Drop groups whose rewards are all equal and refill from new prompts (pending groups persist)."""
     max_refill_rounds: int = 8
     """Generation calls allowed per step when dynamic sampling keeps dropping groups."""
-    max_steps: int = 40
+    max_steps: int = 30
     """Optimizer steps to run (may change on resume)."""
     save_steps: int = 10
     """Save a checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT/SIGUSR1)."""
@@ -293,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     # vLLM seeds the global torch/numpy/python streams when it starts; those belong to the run (and may just have
     # been restored from the checkpoint), so the engine starts inside a snapshot of them.
     snapshot = rng.state_dict()
-    engine = make_engine(cfg.engine, str(model_path), dtype=cfg.dtype, seed=cfg.seed,
-                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
-                         **({"kv_cache_gib": cfg.kv_cache_gib} if cfg.engine == "vllm" else {}))
+    engine_kwargs = {"seed": cfg.seed, "kv_cache_gib": cfg.kv_cache_gib} if cfg.engine == "vllm" else {}
+    engine = make_engine(cfg.engine, str(model_path), dtype=cfg.dtype,
+                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length, **engine_kwargs)
     rng.load_state_dict(snapshot)
     spec = SamplingSpec(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_tokens=cfg.max_completion_length, stop_token_ids=(tokenizer.eos_token_id,))
