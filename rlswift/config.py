@@ -148,15 +148,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_merge(base[k], v)
-        else:
-            base[k] = v
-    return base
-
-
 def load(cls: type[C], config_path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Defaults <- YAML preset <- overrides, validated into ``cls``."""
     data: dict = {}
@@ -167,7 +158,7 @@ def load(cls: type[C], config_path: str | Path | None = None, overrides: list[st
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
-        data = _deep_merge(data, loaded)
+        data = loaded
     apply_overrides(data, overrides or [])
     return from_dict(cls, data)
 

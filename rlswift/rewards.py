@@ -57,31 +57,33 @@ def completion_text(completion: Any) -> str:
 def last_integer(text: str) -> int | None:
     """The last integer written in ``text`` ('1,234' counts as 1234), or None."""
     found = _INT.findall(text)
-    if not found:
-        return None
-    try:
-        return int(found[-1].replace(",", "").rstrip(","))
-    except ValueError:
-        return None
+    return int(found[-1].replace(",", "")) if found else None
 
 
 def _answer_value(answer: Any) -> int | None:
     if answer is None:
         return None
-    if isinstance(answer, (int,)) and not isinstance(answer, bool):
+    if isinstance(answer, int) and not isinstance(answer, bool):
         return int(answer)
     if isinstance(answer, float) and answer.is_integer():
         return int(answer)
     return last_integer(str(answer))
 
 
-def _answers(kwargs: dict, n: int, name: str) -> list:
+def _score_against_answer(
+    name: str, completions: list, kwargs: dict, reward: Callable[[str, int], float]
+) -> list[float | None]:
+    """``reward(text, target)`` per completion against the row's ``answer`` column; None where there is no answer."""
     if "answer" not in kwargs:
         raise KeyError(f"reward {name!r} needs an 'answer' column in the dataset (one value per prompt)")
     answers = list(kwargs["answer"])
-    if len(answers) != n:
-        raise ValueError(f"reward {name!r}: 'answer' has {len(answers)} values for {n} completions")
-    return answers
+    if len(answers) != len(completions):
+        raise ValueError(f"reward {name!r}: 'answer' has {len(answers)} values for {len(completions)} completions")
+    out: list[float | None] = []
+    for c, a in zip(completions, answers):
+        target = _answer_value(a)
+        out.append(None if target is None else reward(completion_text(c), target))
+    return out
 
 
 @register_reward("accuracy")
@@ -90,15 +92,9 @@ def accuracy(prompts: list, completions: list, **kwargs: Any) -> list[float | No
 
     The last integer, not the first: models restate the question ("10 + 21 = 31") before answering.
     """
-    answers = _answers(kwargs, len(completions), "accuracy")
-    out: list[float | None] = []
-    for c, a in zip(completions, answers):
-        target = _answer_value(a)
-        if target is None:
-            out.append(None)
-            continue
-        out.append(1.0 if last_integer(completion_text(c)) == target else 0.0)
-    return out
+    return _score_against_answer(
+        "accuracy", completions, kwargs, lambda text, target: 1.0 if last_integer(text) == target else 0.0
+    )
 
 
 def _ends_with_answer(text: str, target: int) -> bool:
@@ -108,12 +104,7 @@ def _ends_with_answer(text: str, target: int) -> bool:
         return False
     last = lines[-1].strip().rstrip(".!*` ")
     m = re.search(r"(-?\d[\d,]*)$", last)
-    if not m:
-        return False
-    try:
-        return int(m.group(1).replace(",", "")) == target
-    except ValueError:
-        return False
+    return m is not None and int(m.group(1).replace(",", "")) == target
 
 
 @register_reward("format")
@@ -122,17 +113,12 @@ def format_reward(prompts: list, completions: list, **kwargs: Any) -> list[float
 
     The bonus goes only to correct answers: a bonus for bare numbers teaches the model to print a wrong number.
     """
-    answers = _answers(kwargs, len(completions), "format")
-    out: list[float | None] = []
-    for c, a in zip(completions, answers):
-        target = _answer_value(a)
-        if target is None:
-            out.append(None)
-            continue
-        text = completion_text(c)
-        ok = last_integer(text) == target and _ends_with_answer(text, target)
-        out.append(0.2 if ok else 0.0)
-    return out
+    return _score_against_answer(
+        "format",
+        completions,
+        kwargs,
+        lambda text, target: 0.2 if last_integer(text) == target and _ends_with_answer(text, target) else 0.0,
+    )
 
 
 @register_reward("length_penalty")

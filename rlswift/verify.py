@@ -101,28 +101,26 @@ def plan_fault(kill_at: str, kill_seed: int, steps: int, save_steps: int, sig: s
 
 
 def verify_resume(recipe: str, config: str | None, overrides: list[str], steps: int, kill_at: str, kill_seed: int,
-                  sig: str, during_save: bool, workdir: Path, save_steps: int | None = None) -> int:
+                  sig: str, during_save: bool, workdir: Path) -> int:
     """Run both ways, compare, print a table; return 0 only when everything is identical."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     log = workdir / "runs.log"
-    if save_steps is None:
-        save_steps = _config_value(recipe, config, overrides, "save_steps")
-    common = [*overrides, f"max_steps={steps}", "progress_bar=false", "plot=false", "overwrite=true"]
+    save_steps = _config_value(recipe, config, overrides, "save_steps")
+    common = [*overrides, f"max_steps={steps}", "progress_bar=false", "plot=false"]
     fault, k = plan_fault(kill_at, kill_seed, steps, save_steps, sig, during_save)
     ref, res = workdir / "uninterrupted", workdir / "resumed"
     print(f"verify-resume: {recipe} {config or ''} {' '.join(overrides)}\n  {steps} steps uninterrupted vs stopped "
           f"({fault}) and resumed with resume=auto; logs in {log}", flush=True)
-    rc = run_recipe(recipe, config, common + [f"output_dir={ref}"], {}, log)
+    rc = run_recipe(recipe, config, common + [f"output_dir={ref}", "overwrite=true"], {}, log)
     if rc != 0:
         print(f"FAIL: the uninterrupted run exited {rc}; see {log}")
         return 2
-    rc1 = run_recipe(recipe, config, common + [f"output_dir={res}"], {"RLSWIFT_FAULT": fault}, log)
+    rc1 = run_recipe(recipe, config, common + [f"output_dir={res}", "overwrite=true"], {"RLSWIFT_FAULT": fault}, log)
     expected = 0 if fault.startswith("term") else -9
     stopped = Check("stop", rc1 == expected, f"first process exited {rc1} (expected {expected} for {fault})")
-    rc2 = run_recipe(recipe, config, [*overrides, f"max_steps={steps}", "progress_bar=false", "plot=false",
-                                      f"output_dir={res}", "resume=auto"], {}, log)
+    rc2 = run_recipe(recipe, config, common + [f"output_dir={res}", "resume=auto"], {}, log)
     resumed = Check("resume", rc2 == 0, f"resumed process exited {rc2}")
     checks = [stopped, resumed]
     if rc2 == 0:

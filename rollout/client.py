@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -133,7 +134,7 @@ class RemoteEngine:
             tail = "".join(seen[-20:])
             raise RuntimeError(f"rollout.serve did not start (exit code {proc.returncode}): {' '.join(cmd)}\n{tail}")
         # Keep draining stdout (engine logs may go there) so a full pipe never blocks the server.
-        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        threading.Thread(target=collections.deque, args=(proc.stdout, 0), daemon=True).start()
         client = cls(url, timeout=timeout)
         client._proc = proc
         return client

@@ -1,4 +1,4 @@
-"""The rollout engine protocol, the engine factory, and the weight-update validation every engine shares."""
+"""The rollout engine protocol, the engine factory, and the request and weight-update validation every engine shares."""
 
 from __future__ import annotations
 
@@ -45,6 +45,25 @@ def make_engine(kind: str, model_path: str | Path, **kwargs: Any) -> RolloutEngi
 
         return HFEngine(model_path, **kwargs)
     raise ValueError(f"unknown engine kind {kind!r}: use 'vllm' or 'hf'")
+
+
+def check_requests(requests: list[Request], max_model_len: int, vocab_size: int) -> None:
+    """Refuse a generate() call before any engine sees it: not a list of Request, a prompt that leaves no room for
+    max_tokens within max_model_len, or a token id outside the vocabulary (skipped when vocab_size is 0: unknown)."""
+    if not isinstance(requests, (list, tuple)):
+        raise ValueError(f"generate wants a list of Request, got {type(requests).__name__}")
+    for i, r in enumerate(requests):
+        if not isinstance(r, Request):
+            raise ValueError(f"request {i} is a {type(r).__name__}, not a rollout.types.Request")
+        budget = max_model_len - r.sampling.max_tokens
+        if len(r.prompt_ids) > budget:
+            raise ValueError(
+                f"request {i}: prompt of {len(r.prompt_ids)} tokens + max_tokens={r.sampling.max_tokens} exceeds "
+                f"max_model_len={max_model_len}; shorten the prompt (at most {max(budget, 0)} tokens) "
+                "or raise max_model_len"
+            )
+        if vocab_size and max(r.prompt_ids) >= vocab_size:
+            raise ValueError(f"request {i}: token id {max(r.prompt_ids)} is outside the vocabulary (size {vocab_size})")
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -121,7 +140,8 @@ class WeightValidator:
             want = self.shapes[key]
             if tuple(t.shape) != want:
                 raise ValueError(f"update_weights: wrong shape for {name!r}: got {tuple(t.shape)}, the model has {want}")
-            if (head is not None and name == TIED_HEAD) or (name != TIED_HEAD and name in out):
+            # The tied head is held apart from `out` until the end; every other name (an untied head too) is in `out`.
+            if (key != name and head is not None) or (key == name and name in out):
                 raise ValueError(f"update_weights: weight {name!r} given twice")
             if key != name:
                 head = t.detach()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rollout.engine import WeightValidator
+from rollout.engine import WeightValidator, check_requests
 from rollout.types import Request, Rollout, SamplingSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,24 +72,6 @@ class HFEngine:
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
 
     # ------------------------------------------------------------------ generation
-    def _check(self, requests: list[Request]) -> None:
-        if not isinstance(requests, (list, tuple)):
-            raise ValueError(f"generate wants a list of Request, got {type(requests).__name__}")
-        for i, r in enumerate(requests):
-            if not isinstance(r, Request):
-                raise ValueError(f"request {i} is a {type(r).__name__}, not a rollout.types.Request")
-            budget = self.max_model_len - r.sampling.max_tokens
-            if len(r.prompt_ids) > budget:
-                raise ValueError(
-                    f"request {i}: prompt of {len(r.prompt_ids)} tokens + max_tokens={r.sampling.max_tokens} exceeds "
-                    f"max_model_len={self.max_model_len}; shorten the prompt (at most {max(budget, 0)} tokens) "
-                    "or raise max_model_len"
-                )
-            if max(r.prompt_ids) >= self.vocab_size:
-                raise ValueError(
-                    f"request {i}: token id {max(r.prompt_ids)} is outside the vocabulary (size {self.vocab_size})"
-                )
-
     @torch.inference_mode()
     def _sample_one(self, prompt: list[int], seed: int, spec: SamplingSpec) -> tuple[list[int], list[float], str, str]:
         gen = torch.Generator(device=self.device)
@@ -126,7 +108,7 @@ class HFEngine:
 
     def generate(self, requests: list[Request]) -> list[Rollout]:
         """Sample one completion per seed; flat list ordered by (request, sample)."""
-        self._check(requests)
+        check_requests(requests, self.max_model_len, self.vocab_size)
         rollouts = []
         for i, r in enumerate(requests):
             for j, seed in enumerate(r.seeds):

@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM CPU KV cache size")
     a = p.parse_args(argv)
     kw: dict[str, Any] = {"dtype": a.dtype}
-    if a.engine == "vllm":
-        kw.update(seed=a.seed, kv_cache_gib=a.kv_cache_gib, max_model_len=a.max_model_len or 1024)
-    elif a.max_model_len:
+    if a.max_model_len:  # else each engine's own default
         kw["max_model_len"] = a.max_model_len
+    if a.engine == "vllm":
+        kw.update(seed=a.seed, kv_cache_gib=a.kv_cache_gib)
     engine = make_engine(a.engine, a.model, **kw)
     server = make_server(engine, a.host, a.port, kind=a.engine)
     host, port = server.server_address[:2]

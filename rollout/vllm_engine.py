@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rollout.engine import TIED_EMBED, WeightValidator
+from rollout.engine import TIED_EMBED, WeightValidator, check_requests
 from rollout.types import Request, Rollout
 
 
@@ -98,31 +98,13 @@ class VLLMEngine:
         return f"{parent}.{fused}" if fused else module
 
     # ------------------------------------------------------------------ generation
-    def _check(self, requests: list[Request]) -> None:
-        # Validate everything before vLLM sees a request: a failure inside vLLM could leave requests queued.
-        if not isinstance(requests, (list, tuple)):
-            raise ValueError(f"generate wants a list of Request, got {type(requests).__name__}")
-        for i, r in enumerate(requests):
-            if not isinstance(r, Request):
-                raise ValueError(f"request {i} is a {type(r).__name__}, not a rollout.types.Request")
-            budget = self.max_model_len - r.sampling.max_tokens
-            if len(r.prompt_ids) > budget:
-                raise ValueError(
-                    f"request {i}: prompt of {len(r.prompt_ids)} tokens + max_tokens={r.sampling.max_tokens} exceeds "
-                    f"max_model_len={self.max_model_len}; shorten the prompt (at most {max(budget, 0)} tokens) "
-                    "or raise max_model_len"
-                )
-            if self.vocab_size and max(r.prompt_ids) >= self.vocab_size:
-                raise ValueError(
-                    f"request {i}: token id {max(r.prompt_ids)} is outside the vocabulary (size {self.vocab_size})"
-                )
-
     def generate(self, requests: list[Request]) -> list[Rollout]:
         """Sample one completion per seed; flat list ordered by (request, sample). See the module doc for logprobs."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        self._check(requests)
+        # Validate everything before vLLM sees a request: a failure inside vLLM could leave requests queued.
+        check_requests(requests, self.max_model_len, self.vocab_size)
         prompts, params, index = [], [], []
         for i, r in enumerate(requests):
             s = r.sampling

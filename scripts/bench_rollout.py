@@ -6,17 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+import torch
 
-import torch  # noqa: E402
-
-from rollout.seeds import sample_seed  # noqa: E402
-from rollout.types import Request, SamplingSpec  # noqa: E402
+from rollout.seeds import sample_seed
+from rollout.types import Request, SamplingSpec
 
 
 def make_requests(n: int, k: int, t: int, vocab: int) -> list[Request]:
@@ -37,7 +33,7 @@ def timed(fn, reps: int = 2) -> tuple[float, object]:
 
 
 def bench_model(path: Path, a: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rollout.hf_engine import HFEngine
     from rollout.vllm_engine import VLLMEngine
@@ -47,6 +43,7 @@ def bench_model(path: Path, a: argparse.Namespace) -> None:
     reqs = make_requests(a.prompts, a.samples, a.tokens, hf_model.config.vocab_size)
     rows = []
 
+    # First: VLLMEngine sets vLLM's environment (in-process core, no usage stats) before vllm is imported.
     eng = VLLMEngine(path, max_model_len=512, kv_cache_gib=2)
     dt, outs = timed(lambda: eng.generate(reqs))
     rows.append(("vllm (seeded)", sum(len(o.completion_ids) for o in outs), dt))
@@ -60,8 +57,6 @@ def bench_model(path: Path, a: argparse.Namespace) -> None:
     params = list(hf_model.state_dict().items())
     sync, _ = timed(lambda: eng.update_weights(params), reps=3)
     eng.close()
-
-    from transformers import AutoTokenizer
 
     hf = HFEngine(hf_model, tokenizer=AutoTokenizer.from_pretrained(path))
     dt, outs = timed(lambda: hf.generate(reqs), reps=1)
@@ -93,7 +88,7 @@ def main() -> None:
     p.add_argument("--tiny", default=None, help="tiny model folder (default: built by rlswift.models.tiny_model_path)")
     p.add_argument("--smollm2", default=None, help="SmolLM2-135M safetensors folder (\"none\" to skip)")
     a = p.parse_args()
-    from rlswift.models import tiny_model_path  # scripts may import rlswift; the rollout package never does
+    from rlswift.models import resolve_model, tiny_model_path  # scripts may import rlswift; rollout/ never does
 
     bench_model(Path(a.tiny) if a.tiny else tiny_model_path(), a)
     smol = a.smollm2
@@ -101,8 +96,6 @@ def main() -> None:
         smol = None
     elif smol is None:
         try:
-            from rlswift.models import resolve_model  # type: ignore[attr-defined]
-
             smol = resolve_model("smollm2-135m")
         except Exception:  # noqa: BLE001 - optional: not built or not available
             smol = None

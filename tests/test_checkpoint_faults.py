@@ -4,6 +4,7 @@ Each must end in a clear error or a safe fallback, never in a silently different
 """
 
 import errno
+import hashlib
 import os
 import pickle
 import signal
@@ -18,21 +19,9 @@ import torch
 
 import rlswift.checkpoint.manager as mm
 from rlswift.checkpoint import CheckpointError, CheckpointManager, verify
+from test_checkpoint_manager import Box
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Box:
-    def __init__(self, state=None):
-        self.state = state
-        self.loaded = 0
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, sd):
-        self.state = sd
-        self.loaded += 1
 
 
 def hooks(v):
@@ -207,7 +196,6 @@ def _pickle_file(ckpt: Path, rel: str, marker: Path, hook: str, replace: str | N
     f = ckpt / rel
     torch.save({"x": Evil(str(marker))}, f) if rel.endswith(".pt") else f.write_bytes(
         pickle.dumps({"x": Evil(str(marker))}))
-    import hashlib
 
     def edit(m):
         m["files"][rel] = {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}

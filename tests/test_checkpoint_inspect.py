@@ -8,17 +8,7 @@ import torch
 
 from rlswift.checkpoint import (CheckpointError, CheckpointManager, compare_states, diff_checkpoints,
                                 inspect_checkpoint, read_hook_states)
-
-
-class Box:
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, sd):
-        self.state = sd
+from test_checkpoint_manager import Box
 
 
 def state(w_last=3.0, step=7):

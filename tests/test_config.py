@@ -80,7 +80,7 @@ def test_recipe_configs_have_a_docstring_per_field():
 
     from rlswift.recipes.dpo import DPOConfig
     from rlswift.recipes._common import LoraConfig
-    from rlswift.recipes.grpo import GRPOConfig
+    from rlswift.recipes.grpo import GRPOConfig  # noqa: F401
 
     for cls in (GRPOConfig, DPOConfig, LoraConfig):
         docs = cfglib.field_docs(cls)

@@ -10,21 +10,7 @@ import torch
 
 from rollout.hf_engine import HFEngine, process_logits
 from rollout.types import Request, SamplingSpec
-
-SPEC = SamplingSpec(temperature=1.0, top_k=50, top_p=0.95, max_tokens=12)
-
-
-def prompts(n: int, base: int = 5) -> list[list[int]]:
-    return [[(base + 7 * i + 3 * k) % 500 + 3 for k in range(4 + i % 5)] for i in range(n)]
-
-
-def ref_logprobs(model, rollout) -> torch.Tensor:
-    """log p(completion token | prefix) from one fp32 transformers forward over prompt + completion."""
-    ids = torch.tensor([rollout.prompt_ids + rollout.completion_ids])
-    with torch.no_grad():
-        lp = model(ids).logits[0].float().log_softmax(-1)
-    p = len(rollout.prompt_ids)
-    return lp[p - 1 : -1].gather(-1, torch.tensor(rollout.completion_ids)[:, None])[:, 0]
+from rollout_helpers import SPEC, perturb_, prompts, ref_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +86,7 @@ def test_logprobs_match_forward_after_update_incl_long_prompt(engine, tiny_model
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, p in ref.named_parameters():
-            p.mul_(1.01).add_(0.01 * torch.randn(p.shape, generator=g))
+    perturb_(ref, 0.01)
     engine.update_weights(ref.state_dict().items())  # includes lm_head.weight (tied) as HF state_dicts do
     long_prompt = [(i * 31) % 500 + 3 for i in range(200)]  # longer than one KV block
     outs = engine.generate([Request(long_prompt, [1, 2], SPEC), Request(prompts(1)[0], [3], SPEC)])

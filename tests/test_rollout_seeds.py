@@ -118,3 +118,8 @@ def test_validator_tied_head_folds_into_embedding():
     untied = WeightValidator(SHAPES, tied=False)
     with pytest.raises(ValueError, match="unknown weight name 'lm_head.weight'"):
         untied.check([("lm_head.weight", e)])
+    with pytest.raises(ValueError, match="given twice"):
+        v.check([("lm_head.weight", e), ("lm_head.weight", e)])
+    untied_head = WeightValidator({**SHAPES, "lm_head.weight": (10, 4)}, tied=False)
+    with pytest.raises(ValueError, match="given twice"):  # an untied head is an ordinary weight
+        untied_head.check([("lm_head.weight", e), ("lm_head.weight", e)])

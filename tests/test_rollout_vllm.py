@@ -12,26 +12,7 @@ pytest.importorskip("vllm")
 
 from rollout.types import Request, SamplingSpec  # noqa: E402
 from rollout.vllm_engine import VLLMEngine  # noqa: E402
-
-SPEC = SamplingSpec(temperature=1.0, top_k=50, top_p=0.95, max_tokens=12)
-
-
-def prompts(n: int, base: int = 5) -> list[list[int]]:
-    return [[(base + 7 * i + 3 * k) % 500 + 3 for k in range(4 + i % 5)] for i in range(n)]
-
-
-def ref_logprobs(model, rollout) -> torch.Tensor:
-    """log p(completion token | prefix) from one fp32 transformers forward over prompt + completion."""
-    ids = torch.tensor([rollout.prompt_ids + rollout.completion_ids])
-    with torch.no_grad():
-        lp = model(ids).logits[0].float().log_softmax(-1)
-    p = len(rollout.prompt_ids)
-    return lp[p - 1 : -1].gather(-1, torch.tensor(rollout.completion_ids)[:, None])[:, 0]
-
-
-def max_err(model, outs) -> float:
-    return max(float((ref_logprobs(model, o) - torch.tensor(o.logprobs)).abs().max()) for o in outs)
-
+from rollout_helpers import SPEC, max_err, perturb_, prompts  # noqa: E402
 
 LONG = [(i * 31) % 500 + 3 for i in range(300)]  # > 2 KV blocks of 128 tokens
 
@@ -75,10 +56,7 @@ def test_logprobs_are_raw_model_logprobs(engine, ref):
 
 def test_update_weights_matches_forward_incl_long_prompt_and_tied_head(engine, ref):
     before = engine.generate([Request(LONG, [3], SPEC)])  # fills the prefix cache with old-weight KV blocks
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, p in ref.named_parameters():
-            p.mul_(1.01).add_(0.02 * torch.randn(p.shape, generator=g))
+    perturb_(ref, 0.02)
     engine.update_weights(ref.state_dict().items())  # HF state_dict: lm_head.weight is tied to the embedding
     outs = engine.generate([Request(LONG, [3, 4], SPEC), Request(prompts(1)[0], [5], SPEC)])
     assert max_err(ref, outs) < 1e-4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -148,20 +150,18 @@ def test_registry_round_trip_in_fresh_process(tmp_path):
     expected = [reg["sampler"].next_batch() for _ in range(5)] + [[reg["progress"].step, reg["cache"].hits]]
 
     script = textwrap.dedent(
-        f"""
+        """
         import json, sys, torch
         from rlswift.state import EpochSampler, Progress, RewardCache, StateRegistry
-        reg = StateRegistry({{"progress": Progress(), "sampler": EpochSampler(10, 3, seed=5), "cache": RewardCache(4)}})
+        reg = StateRegistry({"progress": Progress(), "sampler": EpochSampler(10, 3, seed=5), "cache": RewardCache(4)})
         reg.load_state_dict(torch.load(sys.argv[1], weights_only=False))
         out = [reg["sampler"].next_batch() for _ in range(5)] + [[reg["progress"].step, reg["cache"].hits]]
         print(json.dumps(out))
         """
     )
     res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "state.pt")], capture_output=True, text=True,
-                         timeout=60, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
-    import json
-
     assert json.loads(res.stdout.strip().splitlines()[-1]) == expected
 
 

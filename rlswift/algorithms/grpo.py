@@ -73,20 +73,15 @@ def group_advantages(
         raise ValueError(
             f"{r.numel()} rewards do not split into groups of {group_size}; give num_prompts * group_size rewards"
         )
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     grouped = r.view(-1, group_size)
-    mean = torch.nanmean(grouped, dim=1).repeat_interleave(group_size)
-    if scale_rewards in ("group", "none"):
-        std = (
-            nanstd(grouped, dim=1).repeat_interleave(group_size)
-            if group_size > 1
-            else torch.zeros_like(r)
-        )
+    adv = r - torch.nanmean(grouped, dim=1).repeat_interleave(group_size)
+    if scale_rewards == "group":
+        std = nanstd(grouped, dim=1).repeat_interleave(group_size) if group_size > 1 else torch.zeros_like(r)
+        adv = adv / (std + eps)
     elif scale_rewards == "batch":
         std = nanstd(r).expand_as(r) if r.numel() > 1 else torch.zeros_like(r)
-    else:
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
-    adv = r - mean
-    if scale_rewards != "none":
         adv = adv / (std + eps)
     # Unscorable samples carry no learning signal (TRL zeroes them too).
     return torch.nan_to_num(adv, nan=0.0)

@@ -1,10 +1,10 @@
-"""Atomic, verifiable checkpoints: codec (orjson + safetensors, no pickle), manager, retention, inspection."""
+"""Atomic, verifiable checkpoints: codec (orjson + safetensors, no pickle), manager, reader, retention, inspection."""
 
 from rlswift.checkpoint.codec import CodecError, decode, encode
 from rlswift.checkpoint.inspect import (Difference, compare_states, diff_checkpoints, inspect_checkpoint,
                                         read_hook_states)
-from rlswift.checkpoint.manager import (FORMAT_VERSION, CheckpointError, CheckpointManager, read_manifest,
-                                        verify)
+from rlswift.checkpoint.manager import CheckpointManager
+from rlswift.checkpoint.reader import FORMAT_VERSION, CheckpointError, read_manifest, verify
 
 __all__ = [
     "CodecError", "encode", "decode",

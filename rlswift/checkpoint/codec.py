@@ -52,9 +52,6 @@ SUPPORTED_TYPES_HINT = (
     "(e.g. a dataclass with dataclasses.asdict, a Path with str, a set with sorted(list))"
 )
 
-_MARKERS = ("$dict", "$odict", "$tuple", "$int", "$float", "$str", "$bytes", "$tensor", "$ndarray",
-            "$npscalar", "$dtype", "$size", "$device")
-
 
 class CodecError(TypeError):
     """A value cannot be stored in (or read from) a checkpoint; the message names hook, key path and type."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlswift.checkpoint.manager import CheckpointError, load_hook_state, read_manifest, verify
+from rlswift.checkpoint.reader import CheckpointError, load_hook_state, read_manifest, verify
 
 __all__ = ["Difference", "compare_states", "read_hook_states", "inspect_checkpoint", "diff_checkpoints"]
 

@@ -31,24 +31,22 @@ from typing import Any, Mapping
 import orjson
 import safetensors.torch
 
-from rlswift.checkpoint.codec import CodecError, decode, encode
+from rlswift.checkpoint.codec import encode
+from rlswift.checkpoint.reader import (FORMAT_VERSION, MANIFEST, CheckpointError, load_hook_state, read_manifest,
+                                       sha256_file, verify)
 from rlswift.checkpoint.retention import select_deletions
 
+# The read side lives in reader.py; it is re-exported here so `from rlswift.checkpoint.manager import
+# read_manifest` (recipes, scripts) keeps working.
 __all__ = ["CheckpointManager", "CheckpointError", "FORMAT_VERSION", "verify", "read_manifest",
            "load_hook_state", "hook_file_stem"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 LATEST = "latest"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIXES = (".tmp-checkpoint-", ".tmp-deleting-", ".tmp-replaced-", ".latest.tmp-")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,100}$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written, found, verified or loaded; the message says which file and why."""
 
 
 def hook_file_stem(name: str) -> str:
@@ -74,15 +72,8 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the renames and creations inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -97,14 +88,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _rename_exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False when unavailable."""
     try:
@@ -117,90 +100,6 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     AT_FDCWD, RENAME_EXCHANGE = -100, 2
     rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
     return rc == 0
-
-
-def read_manifest(path: str | os.PathLike) -> dict:
-    """Parse `path/manifest.json` (no verification of the files; use `verify` for that)."""
-    return orjson.loads((Path(path) / MANIFEST).read_bytes())
-
-
-def verify(path: str | os.PathLike) -> list[str]:
-    """Every problem that makes `path` an unusable checkpoint (empty list: complete and intact).
-
-    Checks: folder exists, manifest present and parseable, format_version supported, every listed file
-    present with the recorded size and sha256, every hook's files listed.
-    """
-    p = Path(path)
-    if not p.exists():
-        return [f"{p}: no such folder"]
-    if not p.is_dir():
-        return [f"{p}: not a folder"]
-    mpath = p / MANIFEST
-    if not mpath.is_file():
-        return [f"{p}: incomplete checkpoint: {MANIFEST} is missing (the save was interrupted, or this is not "
-                "a checkpoint folder)"]
-    try:
-        m = orjson.loads(mpath.read_bytes())
-    except (orjson.JSONDecodeError, OSError) as e:
-        return [f"{mpath}: unreadable manifest ({e})"]
-    if not isinstance(m, dict):
-        return [f"{mpath}: manifest is not a JSON object"]
-    fv = m.get("format_version")
-    if not isinstance(fv, int):
-        return [f"{mpath}: format_version missing or not an int"]
-    if fv > FORMAT_VERSION:
-        return [f"{p}: written by a newer rlswift (format {fv} > {FORMAT_VERSION}); upgrade rlswift"]
-    files, hooks = m.get("files"), m.get("hooks")
-    if not isinstance(files, dict) or not isinstance(hooks, dict):
-        return [f"{mpath}: manifest lacks 'files' or 'hooks'"]
-    problems: list[str] = []
-    root = p.resolve()
-    for rel, info in files.items():
-        f = (p / rel)
-        if os.path.isabs(rel) or ".." in Path(rel).parts or not f.resolve().is_relative_to(root):
-            problems.append(f"{mpath}: file entry {rel!r} points outside the checkpoint")
-            continue
-        if not f.is_file():
-            problems.append(f"{f}: missing (listed in the manifest)")
-            continue
-        size = f.stat().st_size
-        if size != info.get("size"):
-            problems.append(f"{f}: size {size} != {info.get('size')} recorded in the manifest (truncated or "
-                            "modified)")
-            continue
-        if _sha256(f) != info.get("sha256"):
-            problems.append(f"{f}: sha256 does not match the manifest (corrupted or modified)")
-    for name, hfiles in hooks.items():
-        for rel in hfiles:
-            if rel not in files:
-                problems.append(f"{mpath}: hook {name!r} file {rel!r} has no checksum entry")
-    return problems
-
-
-def load_hook_state(path: str | os.PathLike, name: str, manifest: dict) -> Any:
-    """Decode one hook's saved state from a (verified) checkpoint folder, without any hook object."""
-    p = Path(path)
-    tree, tensors = None, {}
-    for rel in manifest["hooks"][name]:
-        # Only orjson and safetensors ever parse checkpoint bytes: nothing here can run code (no pickle).
-        try:
-            if rel.endswith(".json"):
-                tree = orjson.loads((p / rel).read_bytes())
-            elif rel.endswith(".safetensors"):
-                tensors = safetensors.torch.load_file(str(p / rel))
-            else:
-                raise CheckpointError(f"{p / rel}: unsupported hook file type (rlswift never unpickles; "
-                                      "only .json and .safetensors hook files are read)")
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file, named as such
-            raise CheckpointError(f"{p / rel}: cannot be parsed ({type(e).__name__}: {e})") from e
-    if tree is None:
-        raise CheckpointError(f"{p}: hook {name!r} has no .json tree file")
-    try:
-        return decode(tree, tensors, hook=name)
-    except (CodecError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{p}: hook {name!r} cannot be decoded ({e})") from e
 
 
 class CheckpointManager:
@@ -240,7 +139,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def _cleanup_stale(self) -> None:
-        # One writer per root is assumed (world_size 1; with several ranks only rank 0 would clean). Leftovers of interrupted saves/deletions of any process. A crash between the two renames of the
+        # Removes leftovers of interrupted saves/deletions of any process; one writer per root is assumed
+        # (world_size 1; with several ranks only rank 0 would clean). A crash between the two renames of the
         # non-atomic replace fallback leaves the valid old copy in .tmp-replaced-: put it back first.
         for d in self.root.iterdir():
             if d.name.startswith(".tmp-replaced-"):
@@ -281,7 +181,7 @@ class CheckpointManager:
         return final
 
     def _write_tmp(self, tmp: Path, step: int, hooks: Mapping[str, Any], config: dict,
-                   metrics: dict | None) -> dict:
+                   metrics: dict | None) -> None:
         hooks_dir = tmp / "hooks"
         hooks_dir.mkdir(parents=True)
         items = list(hooks.items())
@@ -300,15 +200,17 @@ class CheckpointManager:
             # Encode one hook at a time so only one hook's tensor copies are alive at once.
             tree, tensors = encode(hook.state_dict(), hook=hname)
             rels = [f"hooks/{stem}.json"]
-            _write_bytes(tmp / rels[0], orjson.dumps(tree))
+            data = orjson.dumps(tree)
+            _write_bytes(tmp / rels[0], data)
+            # The tree's bytes are at hand: checksum them here rather than reading the file back.
+            files[rels[0]] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
             if tensors:
                 rels.append(f"hooks/{stem}.safetensors")
-                safetensors.torch.save_file(tensors, str(tmp / rels[1]))
-                _fsync_file(tmp / rels[1])
-            del tree, tensors
-            for rel in rels:
-                f = tmp / rel
-                files[rel] = {"sha256": _sha256(f), "size": f.stat().st_size}
+                f = tmp / rels[1]
+                safetensors.torch.save_file(tensors, str(f))
+                _fsync(f)
+                files[rels[1]] = {"sha256": sha256_file(f), "size": f.stat().st_size}
+            del tree, tensors, data
             hook_files[hname] = rels
             if kill_after is not None and i + 1 >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: a crash mid-save
@@ -329,17 +231,16 @@ class CheckpointManager:
         except TypeError as e:
             raise CheckpointError(f"config/metrics of checkpoint-{step} are not JSON-serializable ({e}); pass "
                                   "plain dicts of str/int/float/bool/None/lists") from e
-        _fsync_dir(hooks_dir)
+        _fsync(hooks_dir)
         _write_bytes(tmp / MANIFEST, data)  # last: marks the folder complete
-        _fsync_dir(tmp)
-        return manifest
+        _fsync(tmp)
 
     def _commit(self, tmp: Path, final: Path) -> None:
         if not final.exists():
             os.rename(tmp, final)
         elif _rename_exchange(tmp, final):
             # Atomic swap: `final` is the new checkpoint, `tmp` holds the old one.
-            _fsync_dir(self.root)
+            _fsync(self.root)
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             # Fallback: the old copy stays whole under .tmp-replaced-* (restored by _cleanup_stale if we die
@@ -347,15 +248,15 @@ class CheckpointManager:
             old = self.root / f".tmp-replaced-{final.name}-{os.getpid()}"
             os.rename(final, old)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            _fsync(self.root)
             shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(self.root)
+        _fsync(self.root)
 
     def _write_latest(self, name: str) -> None:
         tmp = self.root / f".latest.tmp-{os.getpid()}"
         _write_bytes(tmp, (name + "\n").encode())
         os.replace(tmp, self.root / LATEST)
-        _fsync_dir(self.root)
+        _fsync(self.root)
 
     def _retention(self, just_saved: Path) -> None:
         complete = []
@@ -373,7 +274,7 @@ class CheckpointManager:
             os.rename(d, trash)
             shutil.rmtree(trash, ignore_errors=True)
         if doomed:
-            _fsync_dir(self.root)
+            _fsync(self.root)
 
     # ------------------------------------------------------------------ load / resume
     def verify(self, path: str | os.PathLike) -> list[str]:

@@ -8,15 +8,12 @@ prefix, extracted as `trl.extract_prompt` does). Other columns are kept.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rlswift.data.arithmetic import arithmetic_rows
-from rlswift.data.prompts import _is_messages, read_rows
-
-ARITHMETIC_DEFAULT_ROWS = 1000
+from rlswift.data.prompts import ARITHMETIC_DEFAULT_ROWS, _is_messages, _read_source_rows
 
 
 class MalformedRowError(ValueError):
@@ -138,14 +135,7 @@ def load_preference_dataset(
     if source == "arithmetic":
         raw = arithmetic_preference_rows(num_rows or ARITHMETIC_DEFAULT_ROWS, seed)
     else:
-        if not Path(source).expanduser().exists():
-            raise FileNotFoundError(
-                f"preference data {source!r} is neither the built-in 'arithmetic' nor an existing file/folder "
-                "(.jsonl, .json, .parquet, datasets save_to_disk folder)"
-            )
-        raw = read_rows(source, split)
-        if num_rows is not None:
-            raw = raw[:num_rows]
+        raw = _read_source_rows(source, split, num_rows, "preference")
     rows, skipped = [], 0
     for i, row in enumerate(raw):
         try:

@@ -24,12 +24,9 @@ _SPLIT_SEED_OFFSET = {"train": 0, "test": 1_000_003, "validation": 2_000_003}
 class PromptDataset:
     """An in-memory list of prompt rows with stable uids (the row's index in the source)."""
 
-    def __init__(self, rows: Sequence[dict], source: str = "<memory>", uids: Sequence[int] | None = None) -> None:
+    def __init__(self, rows: Sequence[dict], source: str = "<memory>") -> None:
         self.rows = [validate_prompt_row(row, i) for i, row in enumerate(rows)]
         self.source = source
-        self.uids = list(range(len(self.rows))) if uids is None else list(uids)
-        if len(self.uids) != len(self.rows):
-            raise ValueError(f"got {len(self.uids)} uids for {len(self.rows)} rows")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -42,7 +39,7 @@ class PromptDataset:
 
     def uid(self, index: int) -> int:
         """The stable uid of row ``index`` (its index in the source)."""
-        return self.uids[index]
+        return range(len(self.rows))[index]
 
     def prompt(self, index: int) -> str | list[dict]:
         """Row ``index``'s prompt (string or message list)."""
@@ -138,6 +135,20 @@ def _read_datasets_folder(path: Path, split: str) -> list[dict]:
     return ds.to_list()
 
 
+def _read_source_rows(source: str, split: str, num_rows: int | None, what: str) -> list[dict]:
+    """Rows of the local file/folder ``source`` (the first ``num_rows`` when given) for a loader of ``what`` data.
+
+    A missing path is reported as neither a built-in source nor a file, the two things a dataset name can be.
+    """
+    if not Path(source).expanduser().exists():
+        raise FileNotFoundError(
+            f"{what} data {source!r} is neither a built-in task ({', '.join(BUILTIN_PROMPT_SOURCES)}) nor an existing "
+            "file/folder (.jsonl, .json, .parquet, datasets save_to_disk folder)"
+        )
+    rows = read_rows(source, split)
+    return rows if num_rows is None else rows[:num_rows]
+
+
 def load_prompt_dataset(
     source: str, *, num_rows: int | None = None, seed: int = 0, split: str = "train"
 ) -> PromptDataset:
@@ -153,14 +164,7 @@ def load_prompt_dataset(
             raise KeyError(f"the arithmetic task has splits {sorted(_SPLIT_SEED_OFFSET)}, not {split!r}")
         n = num_rows if num_rows is not None else ARITHMETIC_DEFAULT_ROWS
         return PromptDataset(arithmetic_rows(n, seed + _SPLIT_SEED_OFFSET[split]), source=f"arithmetic:{split}")
-    if not Path(source).expanduser().exists():
-        raise FileNotFoundError(
-            f"prompt data {source!r} is neither a built-in task ({', '.join(BUILTIN_PROMPT_SOURCES)}) nor an existing "
-            "file/folder (.jsonl, .json, .parquet, datasets save_to_disk folder)"
-        )
-    rows = read_rows(source, split)
-    if num_rows is not None:
-        rows = rows[:num_rows]
+    rows = _read_source_rows(source, split, num_rows, "prompt")
     if not rows:
         raise ValueError(f"prompt data {source!r} (split {split!r}) has no rows")
     return PromptDataset(rows, source=str(source))

@@ -5,15 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-def cache_dir() -> Path:
-    """Where built or converted models live: ``$RLSWIFT_CACHE`` or ``~/.cache/rlswift``."""
-    return Path(os.environ.get("RLSWIFT_CACHE") or Path.home() / ".cache" / "rlswift")
-
-
-from rlswift.models.tiny import build_tiny_model, tiny_model_path  # noqa: E402
-from rlswift.models.smollm2 import smollm2_path  # noqa: E402
-from rlswift.models.policy import (  # noqa: E402
+# tiny and smollm2 import cache_dir from here inside their functions, so importing them first is safe.
+from rlswift.models.policy import (
     engine_weights,
     is_peft_model,
     load_policy,
@@ -23,6 +16,14 @@ from rlswift.models.policy import (  # noqa: E402
     policy_state_dict,
     reference_logprobs_context,
 )
+from rlswift.models.smollm2 import smollm2_path
+from rlswift.models.tiny import build_tiny_model, tiny_model_path
+
+
+def cache_dir() -> Path:
+    """Where built or converted models live: ``$RLSWIFT_CACHE`` or ``~/.cache/rlswift``."""
+    return Path(os.environ.get("RLSWIFT_CACHE") or Path.home() / ".cache" / "rlswift")
+
 
 # Built-in model names -> builders returning a local folder (nothing is downloaded).
 BUILTIN_MODELS = {"tiny": tiny_model_path, "smollm2-135m": smollm2_path}

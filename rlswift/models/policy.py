@@ -111,10 +111,7 @@ def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Full fine-tuning: every parameter (tied weights once). LoRA: only the trainable adapter tensors; the frozen base
     is re-loaded from the model folder on resume. Clones, so later optimizer steps cannot change a saved state.
     """
-    params = model.named_parameters()
-    if is_peft_model(model):
-        return {name: p.detach().clone() for name, p in params if p.requires_grad}
-    return {name: p.detach().clone() for name, p in params}
+    return {name: p.detach().clone() for name, p in policy_state_dict_names(model).items()}
 
 
 def load_policy_state(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:

@@ -16,6 +16,12 @@ from rlswift import config as cfglib
 from rlswift.checkpoint import CheckpointManager
 from rlswift.checkpoint.manager import read_manifest
 from rlswift.models.policy import load_policy_state, policy_state_dict
+from rlswift.runlog import JsonlLog, read_jsonl
+from rlswift.state import hooks_from_factories, user_hooks
+
+# Keys that only change how long a run goes or how it is watched: a resume may change these, no others.
+RUN_LENGTH_KEYS = frozenset({"max_steps", "save_steps", "save_total_limit", "resume", "output_dir", "overwrite",
+                             "progress_bar", "plot"})
 
 
 @dataclass
@@ -78,10 +84,10 @@ def resume_or_start(ckpt: CheckpointManager, registry, cfg, run_length_keys: set
     """
     path = ckpt.resolve_resume(cfg.resume) if cfg.resume else None
     if path is None:
-        # No checkpoint: logs from a run that died before its first save are not part of this run.
-        for name in ("metrics_log", "trajectories_log"):
-            if name in registry:
-                registry.get(name).load_state_dict({"offset": 0})
+        # No checkpoint: log lines from a run that died before its first save are not part of this run.
+        for _, hook in registry.items():
+            if isinstance(hook, JsonlLog):
+                hook.load_state_dict({"offset": 0})
         return None
     saved = read_manifest(path).get("config") or {}
     changed = cfglib.changed_keys(saved, cfglib.to_dict(cfg), run_length_keys)
@@ -94,6 +100,49 @@ def resume_or_start(ckpt: CheckpointManager, registry, cfg, run_length_keys: set
     ckpt.load(path, registry)
     ckpt.protect = path
     return path
+
+
+def register_user_hooks(registry, state_hooks: list[str]) -> None:
+    """Add the hooks registered with `rlswift.register_state_hook` and those made by the config's factories."""
+    for name, hook in list(user_hooks().items()) + list(hooks_from_factories(state_hooks).items()):
+        registry.register(name, hook)
+
+
+def optimizer_step(params: list[torch.nn.Parameter], optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip (when max_grad_norm > 0), step the optimizer and the schedule, clear grads; returns the grad norm."""
+    if max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    """A tqdm bar, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+
+def report_stop(signum: int | None, step: int) -> None:
+    name = signal.Signals(signum).name if signum else "a stop request"
+    print(f"rlswift: stopped by {name} after step {step}; checkpoint saved; resume with resume=auto",
+          file=sys.stderr, flush=True)
+
+
+def first_last_means(metrics_path: Path, keys: list[str], k_max: int) -> tuple[int, dict[str, tuple[float, float]]]:
+    """Means of ``keys`` over the first and last k logged steps (k = min(k_max, steps // 3), at least 1)."""
+    rows = list(read_jsonl(metrics_path)) if metrics_path.exists() else []
+    if not rows:
+        return 0, {}
+    k = max(1, min(k_max, len(rows) // 3))
+    mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    return k, {key: (mean(key, rows[:k]), mean(key, rows[-k:])) for key in keys}
 
 
 def fault_point(step: int) -> None:
@@ -109,8 +158,6 @@ def fault_point(step: int) -> None:
 
 def plot_rewards(metrics_path: Path, png_path: Path, key: str = "reward", window: int = 5) -> None:
     """Plot per-step mean reward and its moving average to ``png_path``."""
-    from rlswift.runlog import read_jsonl
-
     rows = list(read_jsonl(metrics_path))
     if not rows:
         return

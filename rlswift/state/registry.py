@@ -43,43 +43,34 @@ def check_hook(name: str, hook: object) -> None:
         )
 
 
-class StateRegistry:
-    """An ordered name -> hook map whose ``state_dict`` is the whole resumable state of a run."""
+class StateRegistry(Registry[object]):
+    """An ordered name -> hook map whose ``state_dict`` is the whole resumable state of a run.
+
+    A ``Registry`` of hooks (duplicates refused, ``names``/``items``/``unregister``/``in``/``len``/``[]``) that also
+    validates hooks on ``register`` and never imports a dotted path on ``get`` (hook names may hold dots).
+    """
 
     def __init__(self, hooks: Mapping[str, object] | None = None):
-        self._reg: Registry[object] = Registry("state hook")
+        super().__init__("state hook")
         for name, hook in (hooks or {}).items():
             self.register(name, hook)
 
     def register(self, name: str, hook: object) -> object:
         """Add ``hook`` under ``name``; refuses taken names, unsafe names and objects that are not hooks."""
         check_hook(name, hook)
-        return self._reg.register(name, hook)
-
-    def unregister(self, name: str) -> object:
-        """Remove and return the hook named ``name``."""
-        return self._reg.unregister(name)
-
-    def names(self) -> list[str]:
-        """Registered names in registration order."""
-        return self._reg.names()
+        return super().register(name, hook)
 
     def get(self, name: str) -> object:
         """The hook named ``name``; unlike ``Registry.get`` never imports a dotted path (names may hold dots)."""
-        if name in self._reg:
-            return self._reg.get(name)
+        if name in self._items:
+            return self._items[name]
         raise KeyError(
             f"no state hook named {name!r}; registered: {', '.join(self.names()) or '(none)'}"
         )
 
-    def items(self) -> Iterator[tuple[str, object]]:
-        """(name, hook) pairs in registration order."""
-        return self._reg.items()
-
     def update(self, hooks: "Mapping[str, object] | StateRegistry") -> None:
         """Register every hook of ``hooks`` (a mapping or another registry); duplicates are refused."""
-        pairs = hooks.items()
-        for name, hook in pairs:
+        for name, hook in hooks.items():
             self.register(name, hook)
 
     def keys(self) -> list[str]:
@@ -88,15 +79,6 @@ class StateRegistry:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._reg
-
-    def __len__(self) -> int:
-        return len(self._reg)
-
-    def __getitem__(self, name: str) -> object:
-        return self.get(name)
 
     def state_dict(self) -> dict[str, Any]:
         """``{name: hook.state_dict()}`` for every hook, in registration order."""
@@ -111,7 +93,7 @@ class StateRegistry:
         """
         names = self.names()
         missing = [n for n in names if n not in state_dict]
-        unexpected = [n for n in state_dict if n not in self._reg]
+        unexpected = [n for n in state_dict if n not in self]
         if strict and (missing or unexpected):
             raise StateMismatchError(
                 "checkpoint state does not match the registered state hooks: "

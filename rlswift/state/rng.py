@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlswift.registry import Registry
+
 
 def _plain(obj: Any) -> Any:
     """Copy ``obj`` turning numpy scalars into Python numbers (arrays are copied, containers rebuilt)."""
@@ -52,27 +54,20 @@ class RNGState:
     """State hook for the global random streams plus named generators (``register_generator``)."""
 
     def __init__(self) -> None:
-        self._generators: dict[str, torch.Generator | np.random.Generator] = {}
+        self._generators: Registry[torch.Generator | np.random.Generator] = Registry("generator")
 
     def register_generator(self, name: str, gen: torch.Generator | np.random.Generator) -> None:
         """Track ``gen`` (a ``torch.Generator`` or ``numpy.random.Generator``) under ``name``; duplicates refused."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"generator name must be a non-empty string, got {name!r}")
-        if name in self._generators:
-            raise KeyError(
-                f"a generator named {name!r} is already registered; pick another name "
-                f"(registered: {', '.join(self._generators)})"
-            )
         if not isinstance(gen, (torch.Generator, np.random.Generator)):
             raise TypeError(
                 f"generator {name!r} is a {type(gen).__name__}; register a torch.Generator or a "
                 f"numpy.random.Generator (e.g. numpy.random.default_rng(seed))"
             )
-        self._generators[name] = gen
+        self._generators.register(name, gen)
 
     def generator_names(self) -> list[str]:
         """Names of the registered generators."""
-        return list(self._generators)
+        return self._generators.names()
 
     def state_dict(self) -> dict[str, Any]:
         """Snapshot of every stream: ``python``, ``numpy``, ``torch``, ``cuda`` (list) and ``generators``."""
@@ -94,7 +89,7 @@ class RNGState:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore every stream; the saved generator names must equal the registered ones."""
         saved = state_dict.get("generators", {})
-        missing = [n for n in self._generators if n not in saved]
+        missing = [n for n in self._generators.names() if n not in saved]
         unexpected = [n for n in saved if n not in self._generators]
         if missing or unexpected:
             raise ValueError(
