@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import collections
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -117,24 +117,46 @@ class RemoteEngine:
         root = str(Path(__file__).resolve().parents[1])  # so `rollout` imports even when not installed
         child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH", "")) if p)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, env=child_env, text=True, bufsize=1)
-        deadline = time.monotonic() + startup_timeout
-        url, seen = None, []
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:  # EOF: the server died before it was ready
-                break
-            if line.startswith(READY_PREFIX):
-                url = line[len(READY_PREFIX):].strip()
-                break
-            seen.append(line)
+        url, seen = wait_ready(proc, startup_timeout)
         if url is None:
             proc.kill()
             proc.wait()
             tail = "".join(seen[-20:])
-            raise RuntimeError(f"rollout.serve did not start (exit code {proc.returncode}): {' '.join(cmd)}\n{tail}")
-        # Keep draining stdout (engine logs may go there) so a full pipe never blocks the server.
-        threading.Thread(target=collections.deque, args=(proc.stdout, 0), daemon=True).start()
+            raise RuntimeError(
+                f"rollout.serve did not start within {startup_timeout:.0f} s (exit code {proc.returncode}): "
+                f"{' '.join(cmd)}\n{tail}")
         client = cls(url, timeout=timeout)
         client._proc = proc
         return client
+
+
+def wait_ready(proc: subprocess.Popen, timeout: float) -> tuple[str | None, list[str]]:
+    """Wait up to ``timeout`` s for the server's ready line: (its URL or None, the lines seen before it).
+
+    A reader thread owns the pipe, so a server that hangs without printing still times out; after the ready line
+    it keeps draining stdout (engine logs may go there) so a full pipe never blocks the server.
+    """
+    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            if not ready.is_set():
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None, seen
+        if line is None:  # EOF: the server died before it was ready
+            return None, seen
+        if line.startswith(READY_PREFIX):
+            ready.set()
+            return line[len(READY_PREFIX):].strip(), seen
+        seen.append(line)

@@ -82,6 +82,14 @@ def test_stop_token_ids_end_the_sample(engine):
     assert r.completion_ids == [first] and r.finish_reason == "stop"
 
 
+def test_stop_strings_end_the_text(engine):
+    spec = SamplingSpec(temperature=1.0, max_tokens=16, stop=("0",))
+    outs = engine.generate([Request(p, [i], spec) for i, p in enumerate(prompts(8))])
+    assert all("0" not in o.text for o in outs)
+    stopped = [o for o in outs if o.finish_reason == "stop"]
+    assert stopped and all(len(o.completion_ids) < 16 for o in stopped)
+
+
 def test_logprobs_match_forward_after_update_incl_long_prompt(engine, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -89,3 +89,23 @@ def test_vllm_round_trip_equals_in_process(tiny_model_dir):
     finally:
         remote.close()
         local.close()
+
+
+def test_launch_times_out_on_a_server_that_hangs_silently():
+    """A server that never prints its ready line is given up on after startup_timeout, not waited on forever."""
+    import subprocess
+    import sys
+    import time
+
+    from rollout.client import wait_ready
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('loading', flush=True); time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        url, seen = wait_ready(proc, timeout=2.0)
+        assert url is None and seen == ["loading\n"]
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+        proc.wait()

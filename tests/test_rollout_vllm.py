@@ -85,6 +85,15 @@ def test_bad_input_errors_and_engine_keeps_serving(engine, ref):
     assert engine.generate([r])[0].completion_ids == before
 
 
+def test_stop_strings_end_the_text(engine, ref):
+    engine.update_weights(ref.named_parameters())
+    spec = SamplingSpec(temperature=1.0, max_tokens=16, stop=("0",))
+    outs = engine.generate([Request(p, [i], spec) for i, p in enumerate(prompts(8))])
+    assert all("0" not in o.text for o in outs)
+    stopped = [o for o in outs if o.finish_reason == "stop"]
+    assert stopped and all(len(o.completion_ids) < 16 for o in stopped)
+
+
 @pytest.mark.slow
 def test_same_tokens_in_another_process(engine, tiny_model_dir, ref):
     engine.update_weights(ref.named_parameters())
