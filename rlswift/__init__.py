@@ -1,12 +1,13 @@
 """rlswift: RL post-training (GRPO, DPO) whose runs resume exactly.
 
-Public API: `register_state_hook(name, obj)` adds user state to every run of this process; recipes live in
+Public API: `register_state_hook(name, obj)` adds user state to every run of this process,
+`register_generator(name, gen)` adds a user-owned torch/numpy generator to the run's RNG hook; recipes live in
 `rlswift.recipes.grpo` / `.dpo`. Imports are lazy so `python -m rlswift.recipes.grpo` can fix thread settings
 before torch loads.
 """
 
 __version__ = "0.1.0"
-__all__ = ["register_state_hook", "__version__"]
+__all__ = ["register_generator", "register_state_hook", "__version__"]
 
 
 def register_state_hook(name: str, obj) -> object:
@@ -14,3 +15,10 @@ def register_state_hook(name: str, obj) -> object:
     from rlswift.state import register_state_hook as _register
 
     return _register(name, obj)
+
+
+def register_generator(name: str, gen):
+    """Save and restore ``gen`` (a torch.Generator or numpy.random.Generator) with every run's RNG state."""
+    from rlswift.state import register_generator as _register
+
+    return _register(name, gen)

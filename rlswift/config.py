@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from rlswift.errors import RlswiftError
 from rlswift.registry import suggest
 
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
+class ConfigError(RlswiftError, ValueError):
     """A config value or key is wrong; the message names it and the fix."""
 
 
@@ -212,16 +213,24 @@ def parse_cli(cls: type[C], argv: list[str] | None, prog: str) -> C:
     return load(cls, config_path, rest)
 
 
-def changed_keys(saved: dict, current: dict, allowed: set[str], prefix: str = "") -> list[str]:
-    """Keys whose values differ between two config dicts, except those in ``allowed`` (dotted names)."""
+def changed_keys(saved: dict, current: dict, allowed: set[str], prefix: str = "",
+                 defaults: dict | None = None) -> list[str]:
+    """Keys whose values differ between two config dicts, except those in ``allowed`` (dotted names).
+
+    With ``defaults`` (the config's default values), a key the saved config lacks counts as unchanged when its
+    current value is the default: a key added in a later rlswift version keeps the old behaviour at its default.
+    """
     out = []
     for key in sorted(set(saved) | set(current)):
         name = prefix + key
         if name in allowed:
             continue
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        default = (defaults or {}).get(key, "<absent>")
+        if key not in saved and defaults is not None and b == default:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(changed_keys(a, b, allowed, name + "."))
+            out.extend(changed_keys(a, b, allowed, name + ".", default if isinstance(default, dict) else None))
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out

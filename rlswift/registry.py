@@ -10,6 +10,8 @@ import difflib
 import importlib
 from typing import Generic, Iterator, TypeVar
 
+from rlswift.errors import DottedPathError, DuplicateNameError, UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -20,17 +22,17 @@ def import_dotted(path: str) -> object:
     else:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"{path!r} is not a dotted import path; write it as 'package.module.name'")
+        raise DottedPathError(f"{path!r} is not a dotted import path; write it as 'package.module.name'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ImportError(f"cannot import module {module_name!r} for {path!r}: {e}") from e
+        raise DottedPathError(f"cannot import module {module_name!r} for {path!r}: {e}") from e
     obj = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ImportError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})") from None
+            raise DottedPathError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})") from None
     return obj
 
 
@@ -52,7 +54,7 @@ class Registry(Generic[T]):
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
         if name in self._items:
-            raise KeyError(
+            raise DuplicateNameError(
                 f"a {self.kind} named {name!r} is already registered; pick another name "
                 f"(registered: {', '.join(self._items)})"
             )
@@ -69,7 +71,7 @@ class Registry(Generic[T]):
         if "." in name or ":" in name:
             return import_dotted(name)  # type: ignore[return-value]
         valid = sorted(self._items)
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown {self.kind} {name!r}.{suggest(name, valid)} Valid names: {', '.join(valid) or '(none)'}; "
             f"or give a dotted import path such as 'my_pkg.my_module.my_{self.kind.replace(' ', '_')}'"
         )

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from rlswift.errors import RewardError
 from rlswift.registry import Registry
 
 __all__ = [
@@ -130,6 +131,26 @@ def length_penalty(prompts: list, completions: list, **kwargs: Any) -> list[floa
     return [-(len(completion_text(c)) / 4.0) / 1000.0 for c in completions]
 
 
+# TRL's ready-made rewards (trl.rewards), by the names TRL users know; trl is imported on first use (it is slow).
+TRL_REWARDS = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward")
+
+
+def _trl_reward(name: str) -> RewardFn:
+    def reward(prompts: list, completions: list, **kwargs: Any) -> list:
+        import trl.rewards
+
+        return getattr(trl.rewards, name)(prompts=prompts, completions=completions, **kwargs)
+
+    reward.__name__ = name
+    reward.__doc__ = f"trl.rewards.{name} (TRL's signature; e.g. accuracy_reward needs a 'solution' column and " \
+                     "the math-verify package)"
+    return reward
+
+
+for _name in TRL_REWARDS:
+    REWARD_FUNCS.register(_name, _trl_reward(_name))
+
+
 def resolve_reward_funcs(names: Sequence[str]) -> list[tuple[str, RewardFn]]:
     """``[(name, fn)]`` for registered names or dotted import paths; unknown names raise KeyError listing valid ones."""
     out = []
@@ -156,22 +177,25 @@ def _plain(v: Any) -> Any:
 
 
 def _call(
-    name: str, fn: RewardFn, prompts: list, completions: list, columns: dict[str, list], indices: list[int]
+    name: str, fn: RewardFn, prompts: list, completions: list, columns: dict[str, list], labels: list[str]
 ) -> list:
-    # ``indices``: the batch positions of these samples, so errors name the sample the caller knows.
+    # ``labels``: how to name each of these samples in an error (e.g. "prompt 12 sample 3"), one line per problem.
     n = len(prompts)
     try:
         out = fn(prompts=prompts, completions=completions, **columns)
-    except Exception as e:  # re-raise with the function's name: a traceback alone may not say which reward failed
-        raise RuntimeError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+    except Exception as e:  # one line naming the function: a traceback alone may not say which reward failed
+        raise RewardError(
+            f"reward function {name!r} raised {type(e).__name__}: {e} (on {n} samples, first: {labels[0]}; "
+            "set RLSWIFT_TRACEBACK=1 for the traceback)"
+        ) from e
     try:
         out = list(out)
     except TypeError:
-        raise TypeError(
+        raise RewardError(
             f"reward function {name!r} must return a list of floats/None, got {type(out).__name__}"
         ) from None
     if len(out) != n:
-        raise ValueError(
+        raise RewardError(
             f"reward function {name!r} returned {len(out)} rewards, expected {n} (one per completion)"
         )
     values: list[float | None] = []
@@ -182,12 +206,17 @@ def _call(
         try:
             f = float(v)
         except (TypeError, ValueError):
-            raise TypeError(
-                f"reward function {name!r} returned {v!r} for sample {indices[j]}; expected a float or None"
+            raise RewardError(
+                f"reward function {name!r} returned {v!r} for {labels[j]}; expected a float or None"
             ) from None
         if math.isnan(f):
-            raise ValueError(
-                f"reward function {name!r} returned NaN for sample {indices[j]}; return None for 'not applicable'"
+            raise RewardError(
+                f"reward function {name!r} returned NaN for {labels[j]}; return None for 'not applicable'"
+            )
+        if math.isinf(f):
+            raise RewardError(
+                f"reward function {name!r} returned {f} for {labels[j]}; rewards must be finite (clip it, or "
+                "return None for 'not applicable')"
             )
         values.append(f)
     return values
@@ -200,6 +229,7 @@ def score(
     completions: list,
     columns: dict[str, list] | None = None,
     cache: Any = None,
+    labels: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every reward function on the N samples and combine them like TRL.
 
@@ -209,9 +239,11 @@ def score(
     dataset columns (and ``completion_ids``) to one value per sample. ``cache`` (duck-typed ``RewardCache``: ``key
     (prompt, completion, func_name)``, ``get(key)`` -> value or None, ``put(key, value)``) skips samples already
     scored; each function is called once, on the misses only, with the matching subset of every column.
+    ``labels`` names each sample in error messages (default "sample i").
     """
     columns = dict(columns or {})
     n = len(prompts)
+    labels = list(labels) if labels is not None else [f"sample {i}" for i in range(n)]
     if len(completions) != n:
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions; give one prompt per completion")
     for k, v in columns.items():
@@ -238,7 +270,8 @@ def score(
         if misses:
             sub_cols = {k: [v[i] for i in misses] for k, v in columns.items()}
             computed = _call(
-                name, fn, [prompts[i] for i in misses], [completions[i] for i in misses], sub_cols, misses
+                name, fn, [prompts[i] for i in misses], [completions[i] for i in misses], sub_cols,
+                [labels[i] for i in misses],
             )
             for i, v in zip(misses, computed):
                 values[i] = v

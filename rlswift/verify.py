@@ -20,7 +20,8 @@ from rlswift.runlog import read_jsonl
 RECIPES = {"grpo": "rlswift.recipes.grpo", "dpo": "rlswift.recipes.dpo"}
 # Positions inside the log files differ with the width of timing numbers; the files themselves are compared.
 IGNORED_HOOKS = {"metrics_log", "trajectories_log"}
-IGNORED_METRICS = {"timing"}
+IGNORED_METRICS = {"timing", "perf"}  # wall-clock and memory readings
+VERIFY_MARKER = ".rlswift-verify"
 
 
 @dataclass
@@ -103,9 +104,17 @@ def plan_fault(kill_at: str, kill_seed: int, steps: int, save_steps: int, sig: s
 def verify_resume(recipe: str, config: str | None, overrides: list[str], steps: int, kill_at: str, kill_seed: int,
                   sig: str, during_save: bool, workdir: Path) -> int:
     """Run both ways, compare, print a table; return 0 only when everything is identical."""
-    if workdir.exists():
+    if workdir.exists() and any(workdir.iterdir()):
+        # Only a folder this command made is deleted (its marker, or the two runs and log of an older rlswift).
+        names = {p.name for p in workdir.iterdir()}
+        ours = VERIFY_MARKER in names or {"runs.log", "uninterrupted"} <= names
+        if not ours:
+            print(f"error: --workdir {workdir} is not empty and was not made by verify-resume; it is never deleted. "
+                  "Pick a new or empty folder", file=sys.stderr)
+            return 2
         shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / VERIFY_MARKER).write_text("rlswift verify-resume workdir\n")
     log = workdir / "runs.log"
     save_steps = _config_value(recipe, config, overrides, "save_steps")
     common = [*overrides, f"max_steps={steps}", "progress_bar=false", "plot=false"]

@@ -103,7 +103,7 @@ def run_recipe(recipe: str, a: argparse.Namespace, out: Path, overrides: list[st
     cmd = [sys.executable, "-m", f"rlswift.recipes.{recipe}", "--config", a.config, f"output_dir={out}",
            "overwrite=true", f"model={a.model}", f"max_steps={a.steps}", f"save_steps={a.save_steps}",
            "save_total_limit=2", "progress_bar=false", "plot=false", "lr_scheduler=constant", "warmup_steps=0",
-           "dtype=float32", *overrides]
+           "precision=fp32", *overrides]
     print("$ " + " ".join(cmd[1:]).replace(str(REPO) + "/", ""), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from rlswift.errors import RewardError
 from rlswift.rewards import (
     REWARD_FUNCS,
     accuracy,
@@ -97,9 +98,12 @@ def test_score_validation_errors():
     def boom(prompts, completions, **kw):
         raise ZeroDivisionError("division by zero")
 
-    with pytest.raises(RuntimeError, match=r"'boom' raised ZeroDivisionError") as e:
+    with pytest.raises(RewardError, match=r"'boom' raised ZeroDivisionError") as e:
         score([("boom", boom)], None, ["p"], ["c"])
     assert isinstance(e.value.__cause__, ZeroDivisionError)
+    inf = lambda prompts, completions, **kw: [0.0, float("-inf")]  # noqa: E731
+    with pytest.raises(RewardError, match=r"'inf' returned -inf for prompt 7 sample 1; rewards must be finite"):
+        score([("inf", inf)], None, ["p"] * 2, ["c"] * 2, labels=["prompt 7 sample 0", "prompt 7 sample 1"])
     with pytest.raises(ValueError, match="column 'answer' has 1 values for 2"):
         score([("a", _const(1.0))], None, ["p"] * 2, ["c"] * 2, {"answer": [1]})
 
@@ -164,3 +168,11 @@ def test_score_with_real_reward_cache():
         assert per[0, 0].item() == 1.0 and math.isnan(per[1, 0].item())
     assert n_calls == [2]  # the second round was served from the cache, None included
     assert cache.hits == 2
+
+
+def test_trl_rewards_work_by_name():
+    funcs = resolve_reward_funcs(["think_format_reward", "accuracy_reward"])
+    completions = [[{"role": "assistant", "content": "<think>\nadd\n</think>\nThe sum is $\\boxed{42}$"}],
+                   [{"role": "assistant", "content": "it is $\\boxed{41}$"}]]
+    total, per = score(funcs, None, ["q", "q"], completions, {"solution": ["$42$", "$42$"]})
+    assert per.tolist() == [[1.0, 1.0], [0.0, 0.0]]

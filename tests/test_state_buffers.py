@@ -28,37 +28,15 @@ def test_fifo_eviction_and_pop_order():
         b.pop()
 
 
-def test_priority_sampling_is_proportional_and_without_replacement():
-    b = ReplayBuffer(10, mode="priority", seed=0)
-    b.add("zero", priority=0.0)
-    b.add("one", priority=1.0)
-    b.add("three", priority=3.0)
-    assert all(b.sample(1) != ["zero"] for _ in range(50))  # zero priority is never drawn
-    assert sorted(b.sample(2)) == ["one", "three"]  # the only two with weight, each once
-    counts = {"one": 0, "three": 0}
-    for _ in range(2000):
-        counts[b.sample(1)[0]] += 1
-    assert abs(counts["three"] / 2000 - 0.75) < 0.04  # 3 / (1 + 3)
-    with pytest.raises(ValueError, match="only 2 have a priority above 0"):
-        b.sample(3)
-    with pytest.raises(ValueError, match="ask for 1..3"):
-        b.sample(4)
-    with pytest.raises(ValueError, match="finite number >= 0"):
-        b.add("bad", priority=-1)
-    with pytest.raises(ValueError, match="fifo, priority"):
-        ReplayBuffer(3, mode="lifo")
-
-
-def test_sample_is_seeded_by_the_buffer_not_the_global_stream():
-    def draws(seed):
-        b = ReplayBuffer(8, mode="priority", seed=seed)
-        for i in range(8):
-            b.add(i, priority=i + 1)
-        torch.manual_seed(seed * 1000 + 17)  # global stream must not matter
-        return [b.sample(3) for _ in range(5)]
-
-    assert draws(1) == draws(1)
-    assert draws(1) != draws(2)
+def test_loads_the_state_of_a_buffer_saved_before_priority_mode_was_removed():
+    b = ReplayBuffer(2)
+    b.load_state_dict({"capacity": 2, "mode": "fifo", "seed": 0, "items": [1], "priorities": [1.0],
+                       "generator": torch.zeros(5056, dtype=torch.uint8), "evicted": 3})
+    assert b.items() == [1] and b.evicted == 3
+    with pytest.raises(ValueError, match="only FIFO"):
+        b.load_state_dict({"capacity": 2, "mode": "priority", "items": []})
+    with pytest.raises(ValueError, match="capacity >= 3"):
+        b.load_state_dict({"capacity": 3, "items": [1, 2, 3]})
 
 
 # ---------------------------------------------------------------- RewardCache
@@ -113,15 +91,15 @@ def test_episode_returns_welford_by_hand():
 
 # ---------------------------------------------------------------- round trip in a fresh process
 def _build():
-    return ReplayBuffer(4, mode="priority", seed=3), RewardCache(max_entries=3), EpisodeReturns(window=2)
+    return ReplayBuffer(4), RewardCache(max_entries=3), EpisodeReturns(window=2)
 
 
 def _advance(buf, cache, ret, start: int, n: int) -> list:
     """Drive all three hooks for n steps and return what they produced (JSON-able)."""
     out = []
     for i in range(start, start + n):
-        buf.add({"ids": torch.arange(i, i + 3), "group": [i, {"r": float(i)}]}, priority=1 + (i % 3))
-        picked = buf.sample(min(2, len(buf)))
+        buf.add({"ids": torch.arange(i, i + 3), "group": [i, {"r": float(i)}]})
+        picked = buf.items()[-2:]
         key = RewardCache.key(f"p{(i * i + i // 5) % 5}", "c", "f")  # a mix of hits and LRU evictions
         hit = cache.get(key)
         if hit is None:

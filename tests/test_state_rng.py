@@ -65,6 +65,24 @@ def test_register_generator_refuses_duplicates_and_wrong_types():
     assert rng.generator_names() == ["g"]
 
 
+def test_process_wide_generators_join_every_new_rng_state():
+    from rlswift import register_generator
+    from rlswift.state.rng import _USER_GENERATORS
+
+    gen = register_generator("test_user_gen", np.random.default_rng(3))
+    try:
+        rng = RNGState()
+        assert "test_user_gen" in rng.generator_names()
+        before = rng.state_dict()
+        first = gen.random()
+        rng.load_state_dict(before)
+        assert gen.random() == first  # restored through the run's RNG hook
+        with pytest.raises(TypeError, match="numpy.random.Generator"):
+            register_generator("bad", random.Random(0))
+    finally:
+        _USER_GENERATORS.unregister("test_user_gen")
+
+
 def test_state_dict_is_codec_safe_and_keeps_128_bit_ints():
     rng = RNGState()
     rng.register_generator("np", np.random.default_rng(12345))

@@ -33,6 +33,14 @@ def test_unregistered_randomness_is_caught(tmp_path, rlswift_cache):
     assert "DIVERGED" in proc.stdout and "DIFF" in proc.stdout
 
 
+def test_workdir_that_is_not_ours_is_never_deleted(tmp_path, rlswift_cache):
+    (tmp_path / "keep.txt").write_text("user file")
+    proc = run_cli(["-m", "rlswift", "verify-resume", "--config", "recipes/dpo_tiny.yaml", "--steps", "2",
+                    "--workdir", str(tmp_path)], rlswift_cache)
+    assert proc.returncode == 2 and "was not made by verify-resume" in proc.stderr
+    assert (tmp_path / "keep.txt").read_text() == "user file"
+
+
 def test_ckpt_inspect_and_diff(tmp_path, rlswift_cache):
     out = tmp_path / "run"
     proc = run_cli(["-m", "rlswift.recipes.dpo", "--config", "recipes/dpo_tiny.yaml", f"output_dir={out}",

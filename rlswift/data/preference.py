@@ -14,9 +14,10 @@ import numpy as np
 
 from rlswift.data.arithmetic import arithmetic_rows
 from rlswift.data.prompts import ARITHMETIC_DEFAULT_ROWS, _is_messages, _read_source_rows
+from rlswift.errors import DataError
 
 
-class MalformedRowError(ValueError):
+class MalformedRowError(DataError):
     """A preference row lacks a field or has one of the wrong type; the message names the row and the field."""
 
 
@@ -145,7 +146,7 @@ def load_preference_dataset(
                 raise
             skipped += 1
     if not rows:
-        raise ValueError(f"preference data {source!r} has no usable rows ({skipped} malformed skipped)")
+        raise DataError(f"preference data {source!r} has no usable rows ({skipped} malformed skipped)")
     return rows, skipped
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlswift.data.arithmetic import arithmetic_rows
+from rlswift.errors import DataError, MissingError, UnknownNameError
 
 BUILTIN_PROMPT_SOURCES = ("arithmetic",)
 ARITHMETIC_DEFAULT_ROWS = 1000
@@ -51,8 +52,13 @@ class PromptDataset:
 
     def fingerprint(self) -> str:
         """sha256 of the rows' canonical JSON: a resume can check it still trains on the same data."""
-        blob = json.dumps(self.rows, sort_keys=True, ensure_ascii=False, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return rows_fingerprint(self.rows)
+
+
+def rows_fingerprint(rows: Sequence[dict]) -> str:
+    """sha256 of the canonical JSON of ``rows`` (key order does not matter; row order does)."""
+    blob = json.dumps(list(rows), sort_keys=True, ensure_ascii=False, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def _is_messages(value: Any) -> bool:
@@ -66,15 +72,15 @@ def _is_messages(value: Any) -> bool:
 def validate_prompt_row(row: Any, index: int) -> dict:
     """Return ``row`` if it is a valid prompt row, else raise naming the row index, its columns and the fix."""
     if not isinstance(row, dict):
-        raise ValueError(f"row {index} is a {type(row).__name__}, not a dict; each row must be an object with 'prompt'")
+        raise DataError(f"row {index} is a {type(row).__name__}, not a dict; each row must be an object with 'prompt'")
     if "prompt" not in row:
-        raise ValueError(
+        raise DataError(
             f"row {index} has no 'prompt' column (it has {sorted(row)}). Each row needs 'prompt': a string or a "
             "list of {'role', 'content'} messages; rename the column holding the prompt to 'prompt'."
         )
     prompt = row["prompt"]
     if not (isinstance(prompt, str) or _is_messages(prompt)):
-        raise ValueError(
+        raise DataError(
             f"row {index}: 'prompt' is a {type(prompt).__name__} ({str(prompt)[:80]!r}); it must be a string or a "
             "non-empty list of {'role': ..., 'content': ...} messages"
         )
@@ -85,7 +91,7 @@ def read_rows(source: str | Path, split: str = "train") -> list[dict]:
     """Rows of a local .jsonl / .json / .parquet file or a `datasets.save_to_disk` folder, as a list of dicts."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data source {str(source)!r} does not exist")
+        raise MissingError(f"data source {str(source)!r} does not exist")
     if path.is_dir():
         return _read_datasets_folder(path, split)
     suffix = path.suffix.lower()
@@ -97,7 +103,7 @@ def read_rows(source: str | Path, split: str = "train") -> list[dict]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: line {lineno} is not valid JSON ({e})") from None
+                        raise DataError(f"{path}: line {lineno} is not valid JSON ({e})") from None
         return rows
     if suffix == ".json":
         data = json.loads(path.read_text())
@@ -106,16 +112,16 @@ def read_rows(source: str | Path, split: str = "train") -> list[dict]:
         if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
             n = {len(v) for v in data.values()}
             if len(n) != 1:
-                raise ValueError(f"{path}: column lists have different lengths {sorted(n)}")
+                raise DataError(f"{path}: column lists have different lengths {sorted(n)}")
             data = [dict(zip(data, values)) for values in zip(*data.values())]  # columnar -> rows
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of row objects (or a dict of equal-length columns)")
+            raise DataError(f"{path}: expected a JSON list of row objects (or a dict of equal-length columns)")
         return data
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(
+    raise DataError(
         f"unsupported data file {path.name!r}: use .jsonl, .json, .parquet or a folder written by "
         "datasets' save_to_disk"
     )
@@ -127,10 +133,10 @@ def _read_datasets_folder(path: Path, split: str) -> list[dict]:
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError as e:
-        raise ValueError(f"{path} is a folder but not one written by datasets' save_to_disk ({e})") from None
+        raise DataError(f"{path} is a folder but not one written by datasets' save_to_disk ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise KeyError(f"{path} has no split {split!r}; it has {sorted(ds)}")
+            raise UnknownNameError(f"{path} has no split {split!r}; it has {sorted(ds)}")
         ds = ds[split]
     return ds.to_list()
 
@@ -141,7 +147,7 @@ def _read_source_rows(source: str, split: str, num_rows: int | None, what: str) 
     A missing path is reported as neither a built-in source nor a file, the two things a dataset name can be.
     """
     if not Path(source).expanduser().exists():
-        raise FileNotFoundError(
+        raise MissingError(
             f"{what} data {source!r} is neither a built-in task ({', '.join(BUILTIN_PROMPT_SOURCES)}) nor an existing "
             "file/folder (.jsonl, .json, .parquet, datasets save_to_disk folder)"
         )
@@ -158,15 +164,15 @@ def load_prompt_dataset(
     built-in generated tasks (shuffling is the sampler's job).
     """
     if num_rows is not None and num_rows < 1:
-        raise ValueError(f"num_rows must be >= 1 or None, got {num_rows}")
+        raise DataError(f"num_rows must be >= 1 or None, got {num_rows}")
     if source == "arithmetic":
         if split not in _SPLIT_SEED_OFFSET:
-            raise KeyError(f"the arithmetic task has splits {sorted(_SPLIT_SEED_OFFSET)}, not {split!r}")
+            raise UnknownNameError(f"the arithmetic task has splits {sorted(_SPLIT_SEED_OFFSET)}, not {split!r}")
         n = num_rows if num_rows is not None else ARITHMETIC_DEFAULT_ROWS
         return PromptDataset(arithmetic_rows(n, seed + _SPLIT_SEED_OFFSET[split]), source=f"arithmetic:{split}")
     rows = _read_source_rows(source, split, num_rows, "prompt")
     if not rows:
-        raise ValueError(f"prompt data {source!r} (split {split!r}) has no rows")
+        raise DataError(f"prompt data {source!r} (split {split!r}) has no rows")
     return PromptDataset(rows, source=str(source))
 
 
@@ -181,13 +187,13 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict], max_prompt_length: i
         ids = list(tokenizer(text=prompt)["input_ids"])
     elif _is_messages(prompt):
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("the prompt is a message list but the tokenizer has no chat template; use string prompts")
+            raise DataError("the prompt is a message list but the tokenizer has no chat template; use string prompts")
         out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
         ids = list(out["input_ids"])
     else:
         raise TypeError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
     if max_prompt_length is not None and len(ids) > max_prompt_length:
-        raise ValueError(
+        raise DataError(
             f"prompt has {len(ids)} tokens, more than max_prompt_length={max_prompt_length}; raise "
             "max_prompt_length or shorten/filter the prompts"
         )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-# tiny and smollm2 import cache_dir from here inside their functions, so importing them first is safe.
+from rlswift.errors import MissingError
+from rlswift.models.cache import cache_dir
 from rlswift.models.policy import (
     engine_weights,
     is_peft_model,
@@ -18,11 +18,6 @@ from rlswift.models.policy import (
 )
 from rlswift.models.smollm2 import smollm2_path
 from rlswift.models.tiny import build_tiny_model, tiny_model_path
-
-
-def cache_dir() -> Path:
-    """Where built or converted models live: ``$RLSWIFT_CACHE`` or ``~/.cache/rlswift``."""
-    return Path(os.environ.get("RLSWIFT_CACHE") or Path.home() / ".cache" / "rlswift")
 
 
 # Built-in model names -> builders returning a local folder (nothing is downloaded).
@@ -38,7 +33,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     problem = "has no config.json" if folder.is_dir() else "does not exist"
-    raise FileNotFoundError(
+    raise MissingError(
         f"model {key!r}: the folder {folder} {problem}. Use a built-in name ({', '.join(sorted(BUILTIN_MODELS))}) "
         "or a local folder written by save_pretrained (no hub downloads here)."
     )

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from rlswift.errors import MissingError
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -28,7 +30,8 @@ _DTYPES = {
 }
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name (float32/fp32, bfloat16/bf16, float16/fp16) or itself."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
@@ -54,23 +57,25 @@ def load_policy(
     lora_target_modules: str | list[str] = "all-linear",
     seed: int = 0,
     attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
     """Load a causal LM from a local folder; wrap it with peft LoRA when ``lora_rank > 0``.
 
     The LoRA A matrices are initialised under ``torch.random.fork_rng`` seeded with ``seed``: the same seed gives the
-    same adapter, and the caller's global torch RNG state is left untouched. The model is returned in eval mode
+    same adapter, and the caller's global torch RNG state is left untouched. The model is moved to ``device``
+    before the adapter is made (LoRA init runs where the weights are). It is returned in eval mode
     (the recipe switches it to train mode); with LoRA only the adapter tensors require grad.
     """
     from transformers import AutoModelForCausalLM
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder (no config.json); pass a folder made by save_pretrained")
+        raise MissingError(f"{folder} is not a model folder (no config.json); pass a folder made by save_pretrained")
     if lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
     model = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=_torch_dtype(dtype), attn_implementation=attn_implementation
-    )
+        str(folder), dtype=torch_dtype(dtype), attn_implementation=attn_implementation
+    ).to(device)
     model.eval()
     if lora_rank == 0:
         return model

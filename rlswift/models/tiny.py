@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from rlswift.models.cache import cache_dir
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -101,8 +103,6 @@ def build_tiny_model(
 
 def tiny_model_path(cache: str | Path | None = None, seed: int = 0) -> Path:
     """The cached tiny model folder, built on first use (atomically, so parallel builders don't collide)."""
-    from rlswift.models import cache_dir
-
     root = Path(cache) if cache is not None else cache_dir() / "models"
     target = root / f"tiny-qwen2-{TINY_VERSION}-seed{seed}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():

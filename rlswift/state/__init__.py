@@ -11,7 +11,7 @@ from rlswift.state.registry import (
     register_state_hook,
     user_hooks,
 )
-from rlswift.state.rng import RNGState, seed_everything
+from rlswift.state.rng import RNGState, register_generator, seed_everything
 from rlswift.state.sampler import EpochSampler, epoch_permutation, epoch_seed
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "epoch_permutation",
     "epoch_seed",
     "hooks_from_factories",
+    "register_generator",
     "register_state_hook",
     "seed_everything",
     "user_hooks",

@@ -12,107 +12,57 @@ import math
 from collections import OrderedDict, deque
 from typing import Any, Hashable
 
-import torch
-
 
 class ReplayBuffer:
-    """A bounded buffer of items (any codec-able structure, e.g. rollout groups).
+    """A bounded FIFO of items (any codec-able structure, e.g. rollout groups); a full buffer evicts its oldest item."""
 
-    ``mode="fifo"``: ``pop()`` returns the oldest item; ``mode="priority"``: ``sample(k)`` draws ``k`` distinct
-    items with probability proportional to their priorities, from the buffer's own generator. In both modes a full
-    buffer evicts its oldest item on ``add``.
-    """
-
-    MODES = ("fifo", "priority")
-
-    def __init__(self, capacity: int, mode: str = "fifo", seed: int = 0):
+    def __init__(self, capacity: int):
         if not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        if mode not in self.MODES:
-            raise ValueError(f"unknown ReplayBuffer mode {mode!r}; use one of {', '.join(self.MODES)}")
         self.capacity = capacity
-        self.mode = mode
-        self.seed = seed
         self._items: deque[Any] = deque()
-        self._priorities: deque[float] = deque()
-        self._gen = torch.Generator(device="cpu")
-        self._gen.manual_seed(seed)
         self.evicted = 0  # items dropped because the buffer was full
 
-    def add(self, item: Any, priority: float | None = None) -> None:
-        """Append ``item`` (priority defaults to 1.0; must be finite and >= 0); evicts the oldest when full."""
-        p = 1.0 if priority is None else float(priority)
-        if not math.isfinite(p) or p < 0:
-            raise ValueError(f"priority must be a finite number >= 0, got {priority!r}")
+    def add(self, item: Any) -> None:
+        """Append ``item``; evicts the oldest when full."""
         if len(self._items) == self.capacity:
             self._items.popleft()
-            self._priorities.popleft()
             self.evicted += 1
         self._items.append(item)
-        self._priorities.append(p)
 
     def pop(self) -> Any:
         """Remove and return the oldest item."""
         if not self._items:
             raise IndexError("pop from an empty ReplayBuffer; check len(buffer) first")
-        self._priorities.popleft()
         return self._items.popleft()
-
-    def sample(self, k: int) -> list[Any]:
-        """``k`` distinct items drawn with probability proportional to priority (items stay in the buffer)."""
-        n = len(self._items)
-        if not 0 < k <= n:
-            raise ValueError(f"cannot sample {k} items from a ReplayBuffer holding {n}; ask for 1..{n}")
-        weights = torch.tensor(list(self._priorities), dtype=torch.float64)
-        nonzero = int((weights > 0).sum())
-        if nonzero < k:
-            raise ValueError(f"cannot sample {k} items: only {nonzero} have a priority above 0")
-        idx = torch.multinomial(weights, k, replacement=False, generator=self._gen).tolist()
-        return [self._items[i] for i in idx]
 
     def items(self) -> list[Any]:
         """All items, oldest first."""
         return list(self._items)
 
-    def priorities(self) -> list[float]:
-        """All priorities, oldest first."""
-        return list(self._priorities)
-
     def clear(self) -> None:
-        """Drop every item (the generator keeps its position)."""
+        """Drop every item."""
         self._items.clear()
-        self._priorities.clear()
 
     def __len__(self) -> int:
         return len(self._items)
 
     def state_dict(self) -> dict[str, Any]:
-        """Items, priorities, the generator's state and counters."""
-        return {
-            "capacity": self.capacity,
-            "mode": self.mode,
-            "seed": self.seed,
-            "items": list(self._items),
-            "priorities": list(self._priorities),
-            "generator": self._gen.get_state(),
-            "evicted": self.evicted,
-        }
+        """Capacity, items (oldest first) and the eviction counter."""
+        return {"capacity": self.capacity, "items": list(self._items), "evicted": self.evicted}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore items and generator; refuses a different mode or more items than this buffer's capacity."""
-        if state_dict["mode"] != self.mode:
-            raise ValueError(f"ReplayBuffer state has mode={state_dict['mode']!r} but this buffer is {self.mode!r}")
-        items, prios = list(state_dict["items"]), [float(p) for p in state_dict["priorities"]]
-        if len(items) != len(prios):
-            raise ValueError(f"ReplayBuffer state has {len(items)} items but {len(prios)} priorities")
+        """Restore the items; refuses more items than this buffer's capacity."""
+        # Checkpoints of rlswift 0.1 also hold mode/priorities/generator of a removed priority mode: FIFO only.
+        if state_dict.get("mode", "fifo") != "fifo":
+            raise ValueError(f"ReplayBuffer state has mode={state_dict['mode']!r}; only FIFO buffers exist now")
+        items = list(state_dict["items"])
         if len(items) > self.capacity:
             raise ValueError(
                 f"ReplayBuffer state holds {len(items)} items, more than this buffer's capacity {self.capacity}; "
                 f"resume with capacity >= {len(items)}"
             )
         self._items = deque(items)
-        self._priorities = deque(prios)
-        self._gen.set_state(torch.as_tensor(state_dict["generator"], dtype=torch.uint8).cpu())
         self.evicted = int(state_dict.get("evicted", 0))
 
 

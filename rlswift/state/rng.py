@@ -50,19 +50,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+# Generators user components registered with `rlswift.register_generator`; each run's RNGState tracks them.
+_USER_GENERATORS: Registry[torch.Generator | np.random.Generator] = Registry("generator")
+
+
+def register_generator(name: str, gen: torch.Generator | np.random.Generator) -> torch.Generator | np.random.Generator:
+    """Have every run started afterwards in this process save and restore ``gen`` with its RNG state; returns it.
+
+    For components that own a generator (``numpy.random.default_rng(seed)``, ``torch.Generator()``) instead of
+    drawing from the global streams.
+    """
+    _check_generator(name, gen)
+    return _USER_GENERATORS.register(name, gen)
+
+
+def _check_generator(name: str, gen: object) -> None:
+    if not isinstance(gen, (torch.Generator, np.random.Generator)):
+        raise TypeError(
+            f"generator {name!r} is a {type(gen).__name__}; register a torch.Generator or a "
+            f"numpy.random.Generator (e.g. numpy.random.default_rng(seed))"
+        )
+
+
 class RNGState:
-    """State hook for the global random streams plus named generators (``register_generator``)."""
+    """State hook for the global random streams plus named generators (``register_generator``).
+
+    A new RNGState tracks every generator registered process-wide with `register_generator` so far.
+    """
 
     def __init__(self) -> None:
         self._generators: Registry[torch.Generator | np.random.Generator] = Registry("generator")
+        for name, gen in _USER_GENERATORS.items():
+            self._generators.register(name, gen)
 
     def register_generator(self, name: str, gen: torch.Generator | np.random.Generator) -> None:
         """Track ``gen`` (a ``torch.Generator`` or ``numpy.random.Generator``) under ``name``; duplicates refused."""
-        if not isinstance(gen, (torch.Generator, np.random.Generator)):
-            raise TypeError(
-                f"generator {name!r} is a {type(gen).__name__}; register a torch.Generator or a "
-                f"numpy.random.Generator (e.g. numpy.random.default_rng(seed))"
-            )
+        _check_generator(name, gen)
         self._generators.register(name, gen)
 
     def generator_names(self) -> list[str]:

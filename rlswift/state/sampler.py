@@ -38,7 +38,8 @@ class EpochSampler:
     end they already point at ``(epoch + 1, 0)``.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_items: int, batch_size: int, seed: int, shuffle: bool = True,
+                 data_fingerprint: str | None = None, data_source: str = "the dataset"):
         if not isinstance(num_items, int) or num_items <= 0:
             raise ValueError(f"num_items must be a positive int (the dataset size), got {num_items!r}")
         if not isinstance(batch_size, int) or batch_size <= 0:
@@ -49,6 +50,9 @@ class EpochSampler:
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = bool(shuffle)
+        # Identity of the data the indices point into: resuming an order over other data would train on other rows.
+        self.data_fingerprint = data_fingerprint
+        self.data_source = data_source
         self._epoch = 0
         self._position = 0
         self._perm: torch.Tensor | None = None  # the current epoch's order, computed lazily
@@ -87,8 +91,9 @@ class EpochSampler:
             yield self.next_batch()
 
     def state_dict(self) -> dict[str, Any]:
-        """``{seed, num_items, batch_size, shuffle, epoch, position}`` (plain ints/bool)."""
+        """``{seed, num_items, batch_size, shuffle, epoch, position, data_fingerprint}`` (plain values)."""
         return {
+            "data_fingerprint": self.data_fingerprint,
             "seed": self.seed,
             "num_items": self.num_items,
             "batch_size": self.batch_size,
@@ -98,7 +103,14 @@ class EpochSampler:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Jump to the saved ``(epoch, position)``; refuses a state of a different dataset size, seed or shuffle."""
+        """Jump to the saved ``(epoch, position)``; refuses a state of different data, dataset size, seed or shuffle."""
+        saved_fp = state_dict.get("data_fingerprint")  # absent in checkpoints of rlswift 0.1
+        if saved_fp is not None and self.data_fingerprint is not None and saved_fp != self.data_fingerprint:
+            raise ValueError(
+                f"{self.data_source} changed since the checkpoint (content sha256 {saved_fp[:12]}... at save, "
+                f"{self.data_fingerprint[:12]}... now): resuming would train on other rows in the saved order. "
+                "Resume with the data the run started with, or start a new output_dir"
+            )
         for key in ("num_items", "seed"):
             if int(state_dict[key]) != getattr(self, key):
                 raise ValueError(

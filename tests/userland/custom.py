@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+import rlswift
+
 
 def digit_reward(prompts, completions, **kwargs) -> list[float]:
     """TRL-signature reward: fraction of digit characters (gives a random tiny model a learning signal)."""
@@ -39,19 +41,6 @@ class Curriculum:
         self.calls = int(sd["calls"])
 
 
-class TickingReward:
-    """A reward function object that advances the curriculum on every call (state that lives across steps)."""
-
-    __name__ = "ticking_reward"
-
-    def __init__(self, curriculum: Curriculum):
-        self.curriculum = curriculum
-
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        self.curriculum.tick()
-        return [0.0 for _ in completions]
-
-
 _CURRICULUM = Curriculum(seed=123)
 
 
@@ -63,3 +52,27 @@ def make_hooks() -> dict:
 def curriculum_reward(prompts, completions, **kwargs) -> list[float]:
     _CURRICULUM.tick()
     return [_CURRICULUM.difficulty.get(i % 5, 0.0) * 0.0 for i in range(len(completions))]
+
+
+# A user component that owns its generator and registers it: every run's RNG hook saves and restores it.
+_NOISE = rlswift.register_generator("userland_noise", np.random.default_rng(7))
+
+
+def noisy_reward(prompts, completions, **kwargs) -> list[float]:
+    """Digit reward plus a little noise drawn from the registered generator (exact across resumes)."""
+    return [r + 0.01 * float(_NOISE.random()) for r in digit_reward(prompts, completions)]
+
+
+def inf_reward(prompts, completions, **kwargs) -> list[float]:
+    """Returns +inf for the second sample: a bad reward that must be refused at the boundary, by name."""
+    return [float("inf") if i == 1 else 0.0 for i in range(len(completions))]
+
+
+def raising_reward(prompts, completions, **kwargs) -> list[float]:
+    """Raises, as a buggy user reward would."""
+    raise ZeroDivisionError("user bug")
+
+
+def sometimes_none_reward(prompts, completions, **kwargs) -> list[float | None]:
+    """None ("not applicable") for every sample of every other group, so some samples are unscorable."""
+    return [None if (i // 4) % 2 else digit_reward(prompts, [c])[0] for i, c in enumerate(completions)]
