@@ -80,6 +80,8 @@ VARIANTS = {
     "iterations_epoch": (["num_iterations=2", "gradient_accumulation_steps=2", "num_prompts=8", "max_steps=6"],
                          ["kill@4", "term@4"], 6),
     # LoRA, the transformers engine, KL to the reference (adapter off) and dynamic sampling, together.
+    # bf16 autocast over fp32 master weights with a bf16 engine, gradient checkpointing: exact in every mode.
+    "mixed_precision_gc": (["precision=bf16-mixed", "gradient_checkpointing=true", "max_steps=5"], ["kill@4"], 5),
     "lora_hf_kl_dynamic": (["lora.rank=4", "lora.alpha=8", "learning_rate=5e-3", "engine=hf", "beta=0.1",
                             "dynamic_sampling=true", "max_steps=5"], ["kill@4"], 5),
 }
