@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # three torchrun launches (~60 s of CPU in all)
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
 LR = 1e-3

@@ -17,7 +17,7 @@ from torch import nn
 
 from rlswift.algorithms.grpo import accumulation_scale, policy_loss
 from rlswift.checkpoint.reader import FORMAT_VERSION, CheckpointError, verify
-from rlswift.distributed import (DistInfo, PerRankState, ShardedState, agree_config, all_gather_json, any_rank,
+from rlswift.distributed import (DistInfo, MainOnly, PerRankState, ShardedState, agree_config, all_gather_json, any_rank,
                                  broadcast_json, checkpoint_kind, config_differences, decoder_layers,
                                  derived_rng_state, dpo_loss_scale, fresh_seed, global_sum, grpo_loss_scale,
                                  init_distributed, load_rank_state, load_sharded, micro_batches, rank_rows,
@@ -278,7 +278,8 @@ def test_checkpoint_kind():
     class Bad:
         checkpoint_kind = "shared"
 
-    with pytest.raises(ValueError, match="sharded, per_rank or replicated"):
+    assert checkpoint_kind(MainOnly(None)) == "main_only"
+    with pytest.raises(ValueError, match="use one of sharded, per_rank, replicated, main_only"):
         checkpoint_kind(Bad())
 
 
@@ -356,3 +357,20 @@ def test_a_corrupt_chunk_file_is_a_checkpoint_error_not_a_base_exception(tmp_pat
     hook = ShardedState(*_trained(seed=2))
     with pytest.raises(CheckpointError, match="sharded load of .* failed on rank 0"):
         load_sharded(hook.state_dict(), tmp_path)
+
+
+def test_main_only_hooks_are_loaded_on_rank_0_only(tmp_path):
+    """Run logs live on rank 0: another rank never truncates the file on resume."""
+    from rlswift.runlog import JsonlLog
+
+    log = JsonlLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 1})
+    hook_files, files = write_hooks(tmp_path / "ck", {"metrics_log": MainOnly(log)}, single_process())
+    manifest = _manifest(tmp_path / "ck", hook_files, files, 1)
+    log.write({"step": 2})  # written after the checkpoint: a resume drops it
+    size = (tmp_path / "metrics.jsonl").stat().st_size
+    read_hooks(tmp_path / "ck", manifest, {"metrics_log": MainOnly(None)}, fake(1, 2))
+    assert (tmp_path / "metrics.jsonl").stat().st_size == size  # rank 1 left the file alone
+    read_hooks(tmp_path / "ck", manifest, {"metrics_log": MainOnly(log)}, fake(0, 2))
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b'{"step":1}\n'
+    log.close()

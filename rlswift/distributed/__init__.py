@@ -15,7 +15,7 @@ from rlswift.distributed.launch import (ConfigMismatchError, DistInfo, agree_con
                                         init_distributed, single_process, torchrun_env)
 from rlswift.distributed.rank_state import (PerRankState, derived_rng_state, fresh_seed, load_rank_state,
                                             rank_seed, rank_stem, save_rank_state, saved_world_size, source_rank)
-from rlswift.distributed.train_state import ShardedState, checkpoint_kind
+from rlswift.distributed.train_state import MainOnly, ShardedState, checkpoint_kind
 
 __all__ = [
     "DistInfo", "ConfigMismatchError", "init_distributed", "destroy_distributed", "torchrun_env", "single_process",
@@ -23,7 +23,7 @@ __all__ = [
     "shard_model", "decoder_layers", "is_sharded", "grad_norm_value", "full_named_parameters", "full_tensor",
     "rank_items", "rank_rows", "micro_batches", "global_sum", "global_max", "global_mean", "grpo_loss_scale",
     "dpo_loss_scale", "GRPO_NORMALISATION",
-    "save_sharded", "load_sharded", "sharded_files", "split_tensors", "ShardedState", "checkpoint_kind",
+    "save_sharded", "load_sharded", "sharded_files", "split_tensors", "ShardedState", "MainOnly", "checkpoint_kind",
     "rank_seed", "fresh_seed", "source_rank", "rank_stem", "save_rank_state", "load_rank_state",
     "saved_world_size", "derived_rng_state", "PerRankState", "write_hooks", "read_hooks", "sharded_subdir",
 ]

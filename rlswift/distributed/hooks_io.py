@@ -4,8 +4,9 @@ Each hook is written according to its `checkpoint_kind`:
   - "sharded" (`ShardedState`): `dcp.save_sharded` into ``hooks/{stem}.dcp/`` (every rank writes its chunks);
   - "per_rank" (`PerRankState`, e.g. the RNG streams): ``hooks/{stem}.rankRRRRR-of-WWWWW.json|.safetensors``
     by every rank;
-  - "replicated" (everything else: progress, sampler, buffers, caches, logs, scheduler, user hooks): rank 0 writes
-    ``hooks/{stem}.json|.safetensors`` exactly as one process does.
+  - "replicated" (everything else: progress, sampler, buffers, caches, scheduler, user hooks): rank 0 writes
+    ``hooks/{stem}.json|.safetensors`` exactly as one process does; every rank loads it;
+  - "main_only" (`MainOnly`, the run logs): written like a replicated hook, loaded on rank 0 only.
 `write_hooks` returns ``(hooks, files)`` for the manifest: complete on rank 0 after every rank's files are
 fsynced (the per-rank tables are gathered); rank 0 then writes manifest.json LAST. `read_hooks` is the inverse on
 any world size (sharded state is resharded, per-rank state remapped by `rank_state.source_rank`).
@@ -83,7 +84,7 @@ def write_hooks(folder: str | os.PathLike, hooks: Mapping[str, Any], info: DistI
             files = save_sharded(hook.state_dict(), folder, info, subdir=sharded_subdir(stem))
         elif kind == "per_rank":
             files = save_rank_state(hook.state_dict(), folder, stem, info)
-        else:
+        else:  # replicated and main_only: rank 0's copy
             files = _write_replicated(folder, stem, name, hook.state_dict()) if info.is_main else {}
         local.update(files)
         hook_files[name] = sorted(files)
@@ -122,7 +123,7 @@ def read_hooks(folder: str | os.PathLike, manifest: dict, hooks: Mapping[str, An
         stem, kind = hook_file_stem(name), checkpoint_kind(hook)
         if name not in manifest["hooks"]:
             raise CheckpointError(f"{folder}: hook {name!r} is not in the checkpoint (saved: {list(manifest['hooks'])})")
-        if kind == "replicated":
+        if kind == "replicated" or (kind == "main_only" and info.is_main):
             decoded[name] = load_hook_state(folder, name, manifest)
         elif kind == "per_rank":
             if any(".rank" in rel for rel in manifest["hooks"][name]):
@@ -134,5 +135,5 @@ def read_hooks(folder: str | os.PathLike, manifest: dict, hooks: Mapping[str, An
         if checkpoint_kind(hook) == "sharded":
             hook.load_state_dict(load_sharded(hook.state_dict(), folder, info,
                                               subdir=sharded_subdir(hook_file_stem(name))))
-        else:
+        elif name in decoded:
             hook.load_state_dict(decoded[name])

@@ -8,6 +8,7 @@ manager writes it with `dcp.save_sharded` and reads it with `dcp.load_sharded` (
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -15,18 +16,51 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from rlswift.models.policy import is_peft_model
 
-__all__ = ["ShardedState", "checkpoint_kind"]
+def _is_peft(model: nn.Module) -> bool:
+    # A peft model exists only if peft was imported; importing it just to ask costs seconds (it pulls
+    # transformers and bitsandbytes), so look at sys.modules first.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+__all__ = ["ShardedState", "MainOnly", "checkpoint_kind", "KINDS"]
+
+
+KINDS = ("sharded", "per_rank", "replicated", "main_only")
 
 
 def checkpoint_kind(hook: Any) -> str:
-    """How the checkpoint manager must write ``hook``: "sharded", "per_rank" or "replicated" (the default)."""
+    """How the checkpoint manager writes ``hook``: "sharded", "per_rank", "main_only" or "replicated" (default).
+
+    replicated: identical on every rank; rank 0 writes it, every rank loads it. main_only: exists on rank 0 only
+    (run logs: only rank 0 writes lines); rank 0 writes and loads it, other ranks hold a `MainOnly(None)`.
+    """
     kind = getattr(hook, "checkpoint_kind", "replicated")
-    if kind not in ("sharded", "per_rank", "replicated"):
-        raise ValueError(f"hook {type(hook).__name__} has checkpoint_kind={kind!r}; use sharded, per_rank or "
-                         "replicated")
+    if kind not in KINDS:
+        raise ValueError(f"hook {type(hook).__name__} has checkpoint_kind={kind!r}; use one of {', '.join(KINDS)}")
     return kind
+
+
+class MainOnly:
+    """A hook that lives on rank 0 only (e.g. a `JsonlLog`): ``MainOnly(log if info.is_main else None)``.
+
+    Every rank registers it under the same name; only rank 0's is saved and loaded (so no other rank ever
+    truncates the log file on resume).
+    """
+
+    checkpoint_kind = "main_only"
+
+    def __init__(self, hook: Any | None) -> None:
+        self.hook = hook
+
+    def state_dict(self) -> Any:
+        if self.hook is None:
+            raise RuntimeError("MainOnly(None).state_dict() called on a rank other than 0")
+        return self.hook.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        if self.hook is not None:
+            self.hook.load_state_dict(state)
 
 
 class ShardedState:
@@ -48,7 +82,7 @@ class ShardedState:
                  trainable_only: bool | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.trainable_only = is_peft_model(model) if trainable_only is None else trainable_only
+        self.trainable_only = _is_peft(model) if trainable_only is None else trainable_only
 
     def _options(self) -> StateDictOptions:
         # strict=False with trainable_only: the frozen base is not in the checkpoint by design.
