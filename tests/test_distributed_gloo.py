@@ -272,6 +272,15 @@ def _scenario_main(info, out: Path, model_dir: str, result: dict) -> None:
                                                                  _gathered_optim(s2.state_dict()).items()}
         want = safetensors.torch.load_file(str(out / f"expected{tag}.safetensors"))
         result[f"{tag}to2_exact"] = set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+        if tag == "1":  # engine weights from the sharded policy: one gathered tensor at a time, every tied name
+            from rlswift.distributed import full_named_parameters
+            from rlswift.models.policy import engine_weights
+
+            fw = list(full_named_parameters(m2))
+            names = [n for n, _ in engine_weights(_fresh(model_dir, info, shard=False)[0])]
+            embed = want["w/model.embed_tokens.weight"]
+            result["engine_names_match"] = [n for n, _ in fw] == names
+            result["engine_values_exact"] = all(torch.equal(t, want.get(f"w/{n}", embed)) for n, t in fw)
         # Training continues from the resharded state on both ranks.
         _grpo_step(m2, o2, info, "dapo", 1, True)
     # LoRA: only the adapter (and its optimizer state) is in the sharded checkpoint.
@@ -454,6 +463,11 @@ def test_resharding_is_bit_exact(runs):
     for r in runs["main"]:
         assert r["1to2_exact"] is True
         assert r["4to2_exact"] is True
+
+
+def test_engine_weights_gathered_from_shards_match_the_plain_export(runs):
+    for r in runs["main"]:
+        assert r["engine_names_match"] is True and r["engine_values_exact"] is True
 
 
 def test_lora_checkpoint_holds_only_the_adapter(runs):

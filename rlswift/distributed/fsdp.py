@@ -66,7 +66,7 @@ def shard_model(model: nn.Module, info: DistInfo, reshard_after_forward: bool = 
     if info.world_size == 1:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if is_sharded(model):
         raise ValueError("model is already sharded (fully_shard was applied); shard each model once")
@@ -80,11 +80,20 @@ def shard_model(model: nn.Module, info: DistInfo, reshard_after_forward: bool = 
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     for m in model.modules():
-        if hasattr(m, "set_gradient_divide_factor") and hasattr(m, "set_force_sum_reduction_for_comms"):
-            # Sum, never average: the loss is already normalised over the global batch.
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)
+        if isinstance(m, FSDPModule):
+            _sum_gradients(m)
     return model
+
+
+def _sum_gradients(m) -> None:
+    """Sum, never average, gradients over ranks: the loss is already normalised over the global batch."""
+    m.set_gradient_divide_factor(1.0)
+    if hasattr(m, "set_force_sum_reduction_for_comms"):
+        m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    elif torch.distributed.get_backend() != "nccl":
+        # Older torch: divide factor 1.0 becomes NCCL's PREMUL_SUM, which gloo lacks.
+        raise RuntimeError(f"FSDP2 gradient sums on {torch.distributed.get_backend()} need a torch with "
+                           "FSDPModule.set_force_sum_reduction_for_comms (this one is " + torch.__version__ + ")")
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
