@@ -14,7 +14,6 @@ any world size (sharded state is resharded, per-rank state remapped by `rank_sta
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from rlswift.checkpoint.codec import encode
 from rlswift.checkpoint.manager import hook_file_stem
 from rlswift.checkpoint.reader import CheckpointError, load_hook_state
 from rlswift.distributed.dcp import load_sharded, save_sharded
+from rlswift.distributed.dcp_storage import fsync_path, write_durable
 from rlswift.distributed.launch import DistInfo, all_gather_json
 from rlswift.distributed.rank_state import load_rank_state, save_rank_state, saved_world_size
 from rlswift.distributed.train_state import checkpoint_kind
@@ -39,20 +39,13 @@ def sharded_subdir(stem: str) -> str:
     return f"hooks/{stem}.dcp"
 
 
-def _durable(path: Path, data: bytes) -> dict[str, Any]:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-
 
 def _write_replicated(folder: Path, stem: str, name: str, state: Any) -> dict[str, dict[str, Any]]:
     tree, tensors = encode(state, hook=name)
     (folder / "hooks").mkdir(parents=True, exist_ok=True)
-    files = {f"hooks/{stem}.json": _durable(folder / f"hooks/{stem}.json", orjson.dumps(tree))}
+    files = {f"hooks/{stem}.json": write_durable(folder / f"hooks/{stem}.json", orjson.dumps(tree))}
     if tensors:
-        files[f"hooks/{stem}.safetensors"] = _durable(folder / f"hooks/{stem}.safetensors",
+        files[f"hooks/{stem}.safetensors"] = write_durable(folder / f"hooks/{stem}.safetensors",
                                                       safetensors.torch.save(tensors))
     return files
 
@@ -99,11 +92,7 @@ def write_hooks(folder: str | os.PathLike, hooks: Mapping[str, Any], info: DistI
         for n, rels in t["hooks"].items():
             all_hooks[n] = sorted(set(all_hooks[n]) | set(rels))
     (folder / "hooks").mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / "hooks", os.O_RDONLY)  # the new names in hooks/ are durable before the manifest
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(folder / "hooks")  # the new names in hooks/ are durable before the manifest
     return all_hooks, all_files
 
 
@@ -122,7 +111,8 @@ def read_hooks(folder: str | os.PathLike, manifest: dict, hooks: Mapping[str, An
     for name, hook in hooks.items():
         stem, kind = hook_file_stem(name), checkpoint_kind(hook)
         if name not in manifest["hooks"]:
-            raise CheckpointError(f"{folder}: hook {name!r} is not in the checkpoint (saved: {list(manifest['hooks'])})")
+            raise CheckpointError(f"{folder}: hook {name!r} is not in the checkpoint "
+                                  f"(saved: {list(manifest['hooks'])})")
         if kind == "replicated" or (kind == "main_only" and info.is_main):
             decoded[name] = load_hook_state(folder, name, manifest)
         elif kind == "per_rank":

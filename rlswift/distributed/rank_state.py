@@ -29,6 +29,7 @@ import torch
 
 from rlswift.checkpoint.codec import decode, encode
 from rlswift.checkpoint.reader import CheckpointError
+from rlswift.distributed.dcp_storage import write_durable
 from rlswift.distributed.launch import DistInfo
 
 __all__ = ["rank_seed", "fresh_seed", "source_rank", "rank_stem", "save_rank_state", "load_rank_state",
@@ -64,13 +65,6 @@ def rank_stem(stem: str, rank: int, world_size: int) -> str:
     return f"{stem}.rank{rank:05d}-of-{world_size:05d}"
 
 
-def _durable(path: Path, data: bytes) -> dict[str, Any]:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-
 
 def save_rank_state(state: Any, folder: str | os.PathLike, stem: str, info: DistInfo,
                     subdir: str = "hooks") -> dict[str, dict[str, Any]]:
@@ -82,9 +76,10 @@ def save_rank_state(state: Any, folder: str | os.PathLike, stem: str, info: Dist
     out.mkdir(parents=True, exist_ok=True)
     base = rank_stem(stem, info.rank, info.world_size)
     tree, tensors = encode(state, hook=f"{stem} (rank {info.rank})")
-    files = {f"{subdir}/{base}.json": _durable(out / f"{base}.json", orjson.dumps(tree))}
+    files = {f"{subdir}/{base}.json": write_durable(out / f"{base}.json", orjson.dumps(tree))}
     if tensors:
-        files[f"{subdir}/{base}.safetensors"] = _durable(out / f"{base}.safetensors", safetensors.torch.save(tensors))
+        files[f"{subdir}/{base}.safetensors"] = write_durable(out / f"{base}.safetensors",
+                                                              safetensors.torch.save(tensors))
     return files
 
 
