@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def is_peft_model(model: torch.nn.Module) -> bool:
     """True when ``model`` is a peft-wrapped model (LoRA)."""
+    if "peft" not in sys.modules:  # a model can only be wrapped once peft was imported; importing it takes seconds
+        return False
     try:
         from peft import PeftModel
     except ImportError:  # peft is a dependency, but keep full fine-tuning usable without it

@@ -341,6 +341,8 @@ def update_policy(model, params, optimizer, scheduler, batch: GenerationBatch, c
         for key, v in m.items():
             stats[key] = stats.get(key, 0.0) + v / gas
     grad_norm = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the optimizer's kernels belong to this step's timing
     return float(sum(losses)), stats, grad_norm
 
 

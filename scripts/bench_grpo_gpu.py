@@ -1,0 +1,137 @@
+"""GRPO on one GPU, side by side: rlswift's recipe vs TRL 1.16 GRPOTrainer with colocated vLLM, same card, same lease.
+
+    python scripts/bench_grpo_gpu.py --model DIR [--steps 10] [--order trl,rlswift] [--out DIR] [--no-gc] \
+        [--rlswift key=value ...]
+
+The workload is the TRL anchor's (scripts/gpu/trl_anchor/): a Qwen2.5-0.5B-shaped model folder (build it with
+`scripts/gpu/trl_anchor/build_model.py DIR --tokenizer-from scripts/gpu/trl_anchor`), its 2000 two-shot arithmetic
+prompts, reward = min(len(text), 1000) / 1000, 8 prompts x 8 samples x <= 256 tokens, fp32 master weights with bf16
+autocast on both, lr 1e-6, beta 0, loss dapo, vLLM gpu_memory_utilization 0.3 and max_model_len 384, gradient
+checkpointing on both (or off on both with --no-gc). Each side runs in its own process; step 1 is warm-up.
+Prints the steady-state step time of each (mean/min/max over steps 2..N), rlswift / TRL, both peak GPU memories
+(torch max_memory_allocated over training), and rlswift's split (rollout, reward, train, sync, other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GPU = REPO / "scripts" / "gpu"
+sys.path.insert(0, str(GPU))
+from bench_rewards import anchor_prompts  # noqa: E402
+
+
+def rlswift_args(model: str, prompts: Path, out: Path, steps: int, gc: bool, extra: list[str]) -> list[str]:
+    """The recipe settings that match the TRL anchor's GRPOConfig."""
+    return [f"model={model}", f"dataset={prompts}", "reward_funcs=[bench_rewards.length_reward]",
+            "prompts_per_step=8", "num_generations=8", "max_completion_length=256", "max_prompt_length=128",
+            "temperature=1.0", "learning_rate=1e-6", "beta=0", "loss_type=dapo", "precision=bf16-mixed",
+            f"gradient_checkpointing={str(gc).lower()}", "vllm.gpu_memory_utilization=0.3", f"max_steps={steps}",
+            f"save_steps={steps}", "save_total_limit=1", "progress_bar=false", "plot=false", f"output_dir={out}",
+            "overwrite=true", *extra]
+
+
+def run(cmd: list[str], env: dict, log: Path, timeout: float) -> int:
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    print(f"  exit {rc} after {time.perf_counter() - t0:.0f}s; log {log}", flush=True)
+    return rc
+
+
+def stats(xs: list[float]) -> dict:
+    return {"mean": statistics.mean(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else {}
+
+
+def rlswift_result(out: Path) -> dict:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steady = recs[1:]
+    split = {k: statistics.mean(r["timing"].get(k, 0.0) for r in steady)
+             for k in ("rollout", "reward", "train", "sync")} if steady else {}
+    step = stats([r["timing"]["step"] for r in steady])
+    if split:
+        split["other"] = step["mean"] - sum(split.values())
+    return {"step": step, "split": split, "engine_start_s": recs[0]["timing"].get("engine_start"),
+            "peak_alloc_gib": max(r["perf"].get("peak_allocated_gib", 0) for r in recs),
+            "peak_reserved_gib": max(r["perf"].get("peak_reserved_gib", 0) for r in recs),
+            "tokens_per_s": stats([r["perf"]["generated_tokens_per_s"] for r in steady
+                                   if r["perf"].get("generated_tokens_per_s")]),
+            "reward_first": recs[0]["reward"], "reward_last": recs[-1]["reward"]}
+
+
+def trl_result(path: Path) -> dict:
+    r = json.loads(path.read_text())
+    steady = r["step_wall_s"][1:]
+    return {"step": stats(steady), "peak_alloc_gib": r["peak_alloc_GiB"], "peak_reserved_gib": r["peak_reserved_GiB"],
+            "generate_s": r.get("vLLM.generate_steady_mean_s"), "sync_s": r.get("sync_weights_steady_mean_s"),
+            "vllm_init_s": r["times"].get("vllm_LLM_init_s")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="the 0.5B-shaped model folder (see the module doc)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--order", default="trl,rlswift", help="which sides to run, in order (comma-separated)")
+    ap.add_argument("--out", default="/tmp/bench_grpo_gpu")
+    ap.add_argument("--no-gc", action="store_true", help="gradient checkpointing off on both sides")
+    ap.add_argument("--timeout", type=float, default=280, help="seconds per side at most")
+    ap.add_argument("--tag", default="", help="suffix for this run's result names")
+    ap.add_argument("--rlswift", nargs="*", default=[], help="extra key=value overrides for the rlswift side")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "anchor_prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in anchor_prompts()))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OUT=str(out),
+               PYTHONPATH=os.pathsep.join([str(GPU), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    results: dict[str, dict] = {}
+    for side in a.order.split(","):
+        tag = side + a.tag
+        if side == "trl":
+            cmd = [sys.executable, str(GPU / "trl_anchor" / "run_grpo.py"), a.model, tag] + (["--no-gc"] if a.no_gc else [])
+            if run(cmd, env, out / f"log_{tag}.txt", a.timeout) == 0:
+                results[tag] = trl_result(out / f"result_{tag}.json")
+        elif side == "rlswift":
+            run_dir = out / f"run_{tag}"
+            cmd = [sys.executable, "-m", "rlswift.recipes.grpo",
+                   *rlswift_args(a.model, prompts, run_dir, a.steps, not a.no_gc, a.rlswift)]
+            if run(cmd, env, out / f"log_{tag}.txt", a.timeout) == 0:
+                results[tag] = rlswift_result(run_dir)
+        if tag in results:
+            print(f"  {tag}: " + json.dumps(results[tag]), flush=True)
+    (out / f"results{a.tag}.json").write_text(json.dumps(results, indent=1))
+
+    print(f"\n== GRPO on {a.model}: 8 prompts x 8 samples x <= 256 tokens, bf16-mixed, gc={'off' if a.no_gc else 'on'}, "
+          f"steps 2..{a.steps}")
+    print(f"{'':24s} {'mean s/step':>11s} {'min':>7s} {'max':>7s} {'peak alloc GiB':>15s} {'peak reserved':>14s}")
+    for tag, r in results.items():
+        s = r["step"]
+        print(f"{tag:24s} {s['mean']:11.3f} {s['min']:7.3f} {s['max']:7.3f} {r['peak_alloc_gib']:15.2f} "
+              f"{r['peak_reserved_gib']:14.2f}")
+    rl, trl = results.get("rlswift" + a.tag), results.get("trl" + a.tag)
+    if rl and trl:
+        print(f"rlswift / TRL step time: {rl['step']['mean'] / trl['step']['mean']:.3f} (target <= 0.8); peak "
+              f"allocated {rl['peak_alloc_gib']:.2f} vs {trl['peak_alloc_gib']:.2f} GiB (target <=)")
+    if rl and rl["split"]:
+        print("rlswift split (s/step): " + ", ".join(f"{k} {v:.3f}" for k, v in rl["split"].items())
+              + f"; generated tokens/s {rl['tokens_per_s'].get('mean', 0):.0f}; engine start {rl['engine_start_s']}s")
+    if trl:
+        print(f"TRL split: vLLM.generate {trl['generate_s']}, sync_weights {trl['sync_s']}, "
+              f"vLLM init {trl['vllm_init_s']}")
+    return 0 if (rl or "rlswift" not in a.order) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
