@@ -124,7 +124,8 @@ def galore_targets(model_or_named_params: Any, target_modules: str | list[str]) 
     trainable = dict(named)
     all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
     if model is not None:
-        candidates = [f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+        candidates = [f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
+                      if isinstance(mod, torch.nn.Linear)]
     elif all_linear:
         raise ValueError("target_modules='all-linear' needs the model to tell Linear layers from embeddings; pass "
                          "the model, or name the modules (e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj'])")
@@ -133,7 +134,7 @@ def galore_targets(model_or_named_params: Any, target_modules: str | list[str]) 
     names = [n for n in candidates if n in trainable
              and (all_linear or target_module_matches(target_modules, n.removesuffix(".weight")))]
     if not names:
-        linear = sorted({n.removesuffix(".weight") for n in candidates})[:8]
+        linear = sorted({n.removesuffix(".weight") for n in candidates if n in trainable})[:8]
         raise ValueError(f"target_modules={target_modules!r} matches no trainable Linear weight; Linear modules "
                          f"look like: {', '.join(linear) or '(none trainable)'} (use 'all-linear', a regex over the "
                          "full module name, or a list of name parts)")
