@@ -88,15 +88,21 @@ def test_adamw_is_fused_on_cpu_and_implementation_can_be_chosen():
 # ----------------------------------------------------------------------------------------------- targets
 
 
-def test_target_module_rule_equals_transformers():
-    from transformers.trainer_utils import check_target_module_exists
-
+@pytest.mark.parametrize("spec, expected", [
+    # transformers.trainer_utils.check_target_module_exists: a str is a regex over the whole name ...
+    (r".*\.q_proj", [True, False, False, False]),
+    (r"model\.layers\.1\..*", [False, True, False, False]),
+    ("lm_head", [False, False, True, False]),
+    ("q_proj", [False, False, False, False]),  # ... so a bare str must match the full name
+    # ... a list matches equal names, names containing an entry, or names fully matching an entry as a regex
+    (["q_proj", "lm_head"], [True, False, True, False]),
+    (["attn"], [True, False, False, False]),
+    ([r".*mlp.*"], [False, True, False, False]),
+    (["nothing"], [False, False, False, False]),
+])
+def test_target_module_rule_is_transformers_rule(spec, expected):
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "lm_head", "model.embed_tokens"]
-    specs = [r".*\.q_proj", r"model\.layers\.1\..*", ["q_proj", "lm_head"], ["attn"], [r".*mlp.*"], ["nothing"],
-             "lm_head"]
-    for spec in specs:
-        for name in names:
-            assert target_module_matches(spec, name) == check_target_module_exists(spec, name), (spec, name)
+    assert [target_module_matches(spec, n) for n in names] == expected
 
 
 def test_galore_targets_pick_trainable_linear_weights():
