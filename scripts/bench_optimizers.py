@@ -9,7 +9,7 @@ answers to seeded "What is a + b?" prompts, chat template, loss on the answer to
 The article's claims it is read against: GaLore ~60% smaller optimizer state (~50% less checkpoint I/O), Q-GaLore
 ~80% (~70%). The machine is shared: the script prints the load average and a fixed matmul's time at start and end.
 
-    python scripts/bench_optimizers.py                      # ~4-8 minutes with 1 thread
+    python scripts/bench_optimizers.py                      # ~4 min idle, ~9 min on a busy 2-core box
     python scripts/bench_optimizers.py --steps 3 --optimizers adamw,galore_adamw --json out.json
 """
 
@@ -34,7 +34,7 @@ CLAIMS = {"galore_adamw": "~60% smaller state, ~50% less I/O", "q_galore_adamw_8
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per optimizer (default 4)")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per optimizer (default 3)")
     ap.add_argument("--optimizers", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     ap.add_argument("--model", default="smollm2-135m", help="built-in name or local folder (default smollm2-135m)")
     ap.add_argument("--lr", type=float, default=1e-4, help="learning rate for full fine-tuning (default 1e-4)")

@@ -130,7 +130,6 @@ class _ProjectorState:
 
 
 @functools.cache
-@functools.cache
 def compact_projector(projector_cls: type) -> type:
     """`projector_cls` whose SVD factors are kept as compact row-major copies.
 
@@ -152,6 +151,7 @@ def compact_projector(projector_cls: type) -> type:
     return Compact
 
 
+@functools.cache
 def galore_adamw_class():
     """galore-torch's 32-bit GaLoreAdamW (it runs on CPU as shipped) with checkpointable projector state."""
     galore_torch = _import_galore()
