@@ -9,7 +9,7 @@ answers to seeded "What is a + b?" prompts, chat template, loss on the answer to
 The article's claims it is read against: GaLore ~60% smaller optimizer state (~50% less checkpoint I/O), Q-GaLore
 ~80% (~70%). The machine is shared: the script prints the load average and a fixed matmul's time at start and end.
 
-    python scripts/bench_optimizers.py                      # ~4 min idle, ~9 min on a busy 2-core box
+    python scripts/bench_optimizers.py                      # 306-336 s at load 4-8 on 2 cores (1 thread)
     python scripts/bench_optimizers.py --steps 3 --optimizers adamw,galore_adamw --json out.json
 """
 
