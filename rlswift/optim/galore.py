@@ -194,7 +194,7 @@ def _swapped(p: torch.Tensor, data: torch.Tensor, grad: torch.Tensor) -> Iterato
 
 @functools.cache
 def _bnb_galore_base():
-    bnb = import_bitsandbytes()
+    import_bitsandbytes()
     from bitsandbytes.optim.optimizer import Optimizer2State
     from bitsandbytes.utils import sync_gpu
 
@@ -253,14 +253,14 @@ def _bnb_galore_base():
             if decay > 0:
                 p.data.add_(p.data, alpha=-group["lr"] * decay)
 
-    return bnb, _BnbGaLore
+    return _BnbGaLore
 
 
 @functools.cache
 def galore_adamw_8bit_class():
     """GaLore with bitsandbytes 8-bit AdamW states; projector from galore-torch."""
     galore_torch = _import_galore()
-    _, base = _bnb_galore_base()
+    base = _bnb_galore_base()
 
     class GaLoreAdamW8bit(base):
         def _new_projector(self, group: dict) -> Any:
@@ -275,7 +275,7 @@ def galore_adamw_8bit_class():
 def q_galore_adamw_8bit_class():
     """Q-GaLore: q-galore-torch's INT-n projector with adaptive update interval, bitsandbytes 8-bit AdamW states."""
     q_proj = _import_q_galore()
-    _, base = _bnb_galore_base()
+    base = _bnb_galore_base()
 
     class QGaLoreAdamW8bit(base):
         def _new_projector(self, group: dict) -> Any:
