@@ -42,6 +42,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--rank", type=int, default=128, help="GaLore / Q-GaLore rank (default 128, transformers')")
     ap.add_argument("--rows", type=int, default=8, help="rows in the fixed batch (default 8)")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS (default 1: the machine is shared)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the model and optimizer live")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     return ap.parse_args()
 
@@ -122,18 +123,21 @@ def run_one(name: str, model_path: Path, batch, a: argparse.Namespace, tmp: Path
     from rlswift.recipes._common import ModelHook
 
     lora = name == "lora"
-    model = load_policy(model_path, dtype="float32", lora_rank=16 if lora else 0, seed=0)
+    model = load_policy(model_path, dtype="float32", lora_rank=16 if lora else 0, seed=0).to(a.device)
     model.train()
     opt = build_optimizer("adamw" if lora else name, model, lr=a.lora_lr if lora else a.lr, weight_decay=0.0,
                           rank=a.rank)
-    ids, mask, labels = batch
+    ids, mask, labels = (t.to(a.device) for t in batch)
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     fb, st = [], []
     for _ in range(a.steps):
         t0 = time.perf_counter()
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        sync()
         t1 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         fb.append(t1 - t0)
         st.append(time.perf_counter() - t1)
     with torch.no_grad():
@@ -197,12 +201,14 @@ def main() -> int:
     cal0, load0 = calibrate(), os.getloadavg()
     print(f"{_bench.threads_note()}; load average {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} (1/5/15 min) on "
           f"{os.cpu_count()} cores; matmul yardstick {cal0:.3f} s; batch {tuple(batch[0].shape)}, "
-          f"{int((batch[2] != -100).sum())} answer tokens; {a.steps} steps, lr {a.lr} (LoRA {a.lora_lr})", flush=True)
+          f"{int((batch[2] != -100).sum())} answer tokens; {a.steps} steps, lr {a.lr} (LoRA {a.lora_lr}); {a.device}",
+          flush=True)
     from rlswift.models import load_policy
 
     with torch.no_grad():
-        base_model = load_policy(model_path, dtype="float32")
-        loss0 = float(base_model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss)
+        base_model = load_policy(model_path, dtype="float32").to(a.device)
+        ids, mask, labels = (t.to(a.device) for t in batch)
+        loss0 = float(base_model(input_ids=ids, attention_mask=mask, labels=labels).loss)
         del base_model
     rows, t_all = [], time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-optim-"))
