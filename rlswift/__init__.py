@@ -6,6 +6,12 @@ Public API: `register_state_hook(name, obj)` adds user state to every run of thi
 before torch loads.
 """
 
+import logging
+
+# bitsandbytes (the 8-bit optimizers' library) logs a missing optional kernel package at import on CPU; peft imports
+# it whenever it is installed. Nothing rlswift uses needs that kernel.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 __version__ = "0.1.0"
 __all__ = ["register_generator", "register_state_hook", "__version__"]
 

@@ -106,6 +106,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} expects a string, got {value!r}")
         return str(value)
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and "name" in {f.name for f in dataclasses.fields(tp)}:
+            value = {"name": value}  # `optimizer=adamw_8bit` is short for `optimizer.name=adamw_8bit`
         if not isinstance(value, dict):
             raise ConfigError(f"{key} is a section; set its fields as {key}.<field>=value")
         return from_dict(tp, value, prefix=f"{key}.")

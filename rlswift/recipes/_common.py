@@ -38,6 +38,36 @@ class LoraConfig:
     """Modules that get adapters: 'all-linear' or a comma-separated list of module names."""
 
 
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    """adamw, adamw_8bit, galore_adamw, galore_adamw_8bit, q_galore_adamw_8bit (transformers' names and aliases such as
+    adamw_torch_fused work), or a dotted path to a factory; see docs/optimizers.md."""
+    adamw_implementation: str | None = None
+    """adamw: fused, foreach or for-loop; unset = fused where the device has it (rlswift 0.1 ran for-loop)."""
+    galore_rank: int = 128
+    """GaLore/Q-GaLore: rank of the projected gradient."""
+    galore_update_proj_gap: int = 200
+    """GaLore/Q-GaLore: steps between projection updates (Q-GaLore adapts it)."""
+    galore_scale: float = 0.25
+    """GaLore/Q-GaLore: scale of the projected-back update."""
+    target_modules: str = "all-linear"
+    """GaLore/Q-GaLore: modules whose weights are projected ('all-linear' or comma-separated names/regexes)."""
+
+
+def build_run_optimizer(model: torch.nn.Module, opt: OptimizerConfig, lr: float, weight_decay: float):
+    """The run's optimizer (itself the `optimizer` state hook); records the AdamW implementation it resolved."""
+    from rlswift.optim import adamw_implementation, build_optimizer, named_trainable
+
+    if opt.name in ("adamw", "adamw_torch_fused") and opt.adamw_implementation is None:
+        # What the run computes with goes into its config: fused and for-loop AdamW differ in the last bits.
+        opt.adamw_implementation = adamw_implementation([p for _, p in named_trainable(model)[0]])
+    targets = [t.strip() for t in opt.target_modules.split(",")] if "," in opt.target_modules else opt.target_modules
+    return build_optimizer(opt.name, model, lr=lr, weight_decay=weight_decay, implementation=opt.adamw_implementation,
+                           target_modules=targets, rank=opt.galore_rank, update_proj_gap=opt.galore_update_proj_gap,
+                           scale=opt.galore_scale)
+
+
 class ModelHook:
     """State hook for the policy: all weights for full fine-tuning, only the adapter tensors for LoRA."""
 
@@ -107,6 +137,7 @@ def migrate_precision(saved: dict) -> dict:
     """A config of rlswift 0.1 in today's keys: it trained on the CPU, and its dtype was the storage precision."""
     saved = dict(saved)
     saved.setdefault("device", "cpu")
+    saved.setdefault("optimizer", {"adamw_implementation": "for-loop"})  # 0.1: torch AdamW with foreach=False
     if "dtype" in saved:
         saved["precision"] = {"float32": "fp32", "bfloat16": "bf16"}.get(saved.pop("dtype"), "fp32")
     return saved

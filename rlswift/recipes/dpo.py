@@ -47,6 +47,8 @@ from rlswift.recipes._common import (  # noqa: E402
     RUN_LENGTH_KEYS,
     LoraConfig,
     ModelHook,
+    OptimizerConfig,
+    build_run_optimizer,
     build_scheduler,
     fault_point,
     first_last_means,
@@ -112,7 +114,9 @@ class DPOConfig:
     label_smoothing: float = 0.0
     """Assumed label noise for sigmoid/robust losses."""
     learning_rate: float = 5e-6
-    """Peak AdamW learning rate."""
+    """Peak learning rate."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and its settings (fused AdamW by default; 8-bit and GaLore variants for less memory)."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """'constant', 'linear' or 'cosine' (after warmup)."""
     warmup_steps: int = 0
@@ -120,7 +124,7 @@ class DPOConfig:
     lr_decay_steps: int | None = None
     """Length of the linear/cosine schedule; unset = max_steps (then max_steps may not change on resume)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Weight decay (decoupled, as AdamW)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables clipping."""
     max_steps: int = 30
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = [tokenize_preference(tokenizer, r, cfg.max_prompt_length, cfg.max_completion_length) for r in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=False)
+    optimizer = build_run_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.lr_decay_steps or cfg.max_steps)
 
     progress = Progress()

@@ -54,6 +54,8 @@ from rlswift.recipes._common import (  # noqa: E402
     RUN_LENGTH_KEYS,
     LoraConfig,
     ModelHook,
+    OptimizerConfig,
+    build_run_optimizer,
     build_scheduler,
     fault_point,
     first_last_means,
@@ -163,7 +165,9 @@ class GRPOConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step (the generation batch is split into this many)."""
     learning_rate: float = 2e-5
-    """Peak AdamW learning rate."""
+    """Peak learning rate."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and its settings (fused AdamW by default; 8-bit and GaLore variants for less memory)."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """'constant', 'linear' or 'cosine' (after warmup)."""
     warmup_steps: int = 0
@@ -171,7 +175,7 @@ class GRPOConfig:
     lr_decay_steps: int | None = None
     """Length of the linear/cosine schedule; unset = max_steps (then max_steps may not change on resume)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Weight decay (decoupled, as AdamW)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables clipping."""
     dynamic_sampling: bool = False
@@ -390,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlswift grpo: num_prompts={cfg.num_prompts} applies to the built-in arithmetic task only; "
               f"{cfg.dataset} is used whole ({len(dataset)} rows)", file=sys.stderr, flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=False)
+    optimizer = build_run_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.lr_decay_steps or cfg.max_steps)
 
     registry = StateRegistry()
