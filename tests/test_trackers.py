@@ -285,3 +285,40 @@ def test_trackio_each_step_once_after_kill_and_resume(tmp_path):
     steps = sorted(s for s, _ in runs[0][1])
     assert steps == list(range(1, 9)), steps
     assert {s: r for s, r in runs[0][1]} == {s: s / 10 for s in range(1, 9)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["grpo", "dpo"])
+def test_recipe_report_to_tensorboard_survives_a_kill(recipe, tmp_path, rlswift_cache):
+    """Through the real CLI: report_to=[tensorboard], SIGKILL in step 5, resume=auto: each step once in TensorBoard,
+    with the values of metrics.jsonl. Skips until the recipe has `report_to` (the lead wires Trackers in)."""
+    import dataclasses
+    import importlib
+
+    _need("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from e2e import run_cli
+    from rlswift.runlog import read_jsonl
+
+    module = importlib.import_module(f"rlswift.recipes.{recipe}")
+    config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and dataclasses.is_dataclass(v)
+                      and "output_dir" in {f.name for f in dataclasses.fields(v)})
+    if "report_to" not in {f.name for f in dataclasses.fields(config_cls)}:
+        pytest.skip(f"{config_cls.__name__} has no report_to yet")
+    out = tmp_path / "run"
+    args = ["-m", f"rlswift.recipes.{recipe}", "--config", f"recipes/{recipe}_tiny.yaml", f"output_dir={out}",
+            "report_to=[tensorboard]", *(["engine=hf"] if recipe == "grpo" else [])]
+    first = run_cli(args, rlswift_cache, fault="kill@5")
+    assert first.returncode == -9, first.stderr[-3000:]
+    second = run_cli([*args, "resume=auto"], rlswift_cache)
+    assert second.returncode == 0, second.stderr[-3000:]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    loss = acc.Scalars("loss")
+    rows = list(read_jsonl(out / "metrics.jsonl"))
+    assert [e.step for e in loss] == [r["step"] for r in rows] == list(range(1, 9))
+    import numpy as np
+
+    assert [e.value for e in loss] == [float(np.float32(r["loss"])) for r in rows]  # TensorBoard keeps float32
+    assert "timing/step" in acc.Tags()["scalars"]
