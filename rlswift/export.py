@@ -183,6 +183,15 @@ def _merged_model(policy: Any, base: Path, dtype: str) -> Any:
     return model
 
 
+def _readable_by_umask(folder: Path) -> None:
+    # safetensors writes through a private temporary file (mode 0600); an export is meant to be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, merge: bool = False,
                       which: str | None = None, base_model: str | os.PathLike | None = None) -> ExportResult:
     """Export a checkpoint (folder, run folder + ``which``, or pointer file) to ``out`` (absent or empty).
@@ -216,6 +225,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mer
         provenance = {"checkpoint": str(ckpt.resolve()), "step": manifest.get("step"), "kind": kind,
                       "base_model": str(base.resolve()), "config": cfg, "versions": manifest.get("versions")}
         (tmp / PROVENANCE).write_bytes(orjson.dumps(provenance, option=orjson.OPT_INDENT_2, default=str))
+        _readable_by_umask(tmp)
         _check_out(out)  # again: something may have appeared there while we worked
         if out.exists():
             out.rmdir()
