@@ -177,6 +177,7 @@ class WandbTracker(_Tracker):
         self.wandb = _need("wandb", self.extra)
         self.run = None
         self.run_id: str | None = None
+        self.held = 0  # steps <= held are already in W&B: not logged again
 
     def open(self, saved: dict | None, resume_step: int) -> int:
         self.run_id = (saved or {}).get("run_id") or os.urandom(4).hex()  # W&B ids: [a-z0-9]
@@ -186,15 +187,14 @@ class WandbTracker(_Tracker):
         self.project = project
         if saved is None:
             return 0
-        held = max(0, int(self.run.starting_step) - 1)  # online: what the server already has
+        self.held = max(0, int(self.run.starting_step) - 1)  # online: what the server already has
         if self.run.settings.mode == "offline":
             steps = [r.get("_step") for r in wandb_offline_history(self.run_dir / "wandb", self.run_id)]
-            held = max([held] + [s for s in steps if isinstance(s, int)])
-        self.held = held
-        return held
+            self.held = max([self.held] + [s for s in steps if isinstance(s, int)])
+        return self.held
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if step > getattr(self, "held", 0):
+        if step > self.held:
             self.run.log(metrics, step=step)
 
     def state(self) -> dict:
@@ -215,6 +215,7 @@ class MlflowTracker(_Tracker):
         super().__init__(*args)
         _need("mlflow", self.extra)
         self.client = None
+        self.uri: str | None = None
         self.run_id: str | None = None
         self.held: dict[str, int] = {}
 
@@ -253,7 +254,7 @@ class MlflowTracker(_Tracker):
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
     def state(self) -> dict:
-        return {"run_id": self.run_id, "tracking_uri": getattr(self, "uri", None)}
+        return {"run_id": self.run_id, "tracking_uri": self.uri}
 
     def close(self) -> None:
         if self.client is not None and self.run_id is not None:
@@ -279,6 +280,7 @@ class TrackioTracker(_Tracker):
         super().__init__(*args)
         self.trackio = _need("trackio", self.extra)
         self.run = None
+        self.held = 0
 
     def open(self, saved: dict | None, resume_step: int) -> int:
         from trackio.sqlite_storage import SQLiteStorage
@@ -295,7 +297,7 @@ class TrackioTracker(_Tracker):
         return self.held
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if step > getattr(self, "held", 0):
+        if step > self.held:
             self.run.log({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
 
     def state(self) -> dict:
