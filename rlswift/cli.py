@@ -1,4 +1,4 @@
-"""The `rlswift` command: `verify-resume`, `ckpt inspect`, `ckpt diff`, and the recipes by name."""
+"""The `rlswift` command: the recipes by name, `verify-resume`, `ckpt inspect|diff`, `export`, `plot`."""
 
 from __future__ import annotations
 
@@ -45,7 +45,33 @@ def main(argv: list[str] | None = None) -> int:
     cd.add_argument("a")
     cd.add_argument("b")
 
+    e = sub.add_parser("export", help="write a checkpoint as a transformers folder or a PEFT adapter (vLLM loads "
+                                      "the transformers folder)",
+                       description="Full fine-tuning -> a transformers folder; LoRA -> a PEFT adapter folder, or with "
+                                   "--merge a transformers folder with the adapter folded in. OUT must not exist or "
+                                   "be empty.")
+    e.add_argument("checkpoint", help="a checkpoint-N folder, a run folder (see --which), or RUN/latest, RUN/best")
+    e.add_argument("out", help="the folder to create (refused when it exists and is not empty)")
+    e.add_argument("--merge", action="store_true",
+                   help="LoRA: fold the adapter into the base weights and write a plain transformers folder")
+    e.add_argument("--which", choices=["latest", "best"], default=None,
+                   help="for a run folder: the checkpoint its 'latest' (default) or 'best' pointer names")
+    e.add_argument("--base-model", default=None,
+                   help="the base model folder, when the run's `model` is not where it was during training")
+
+    pl = sub.add_parser("plot", help="reward, loss, KL, completion length and step time of runs, overlaid, as a PNG")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each holds metrics.jsonl)")
+    pl.add_argument("--out", default="rlswift-plot.png", help="PNG to write (default: rlswift-plot.png)")
+    pl.add_argument("--metrics", default=None,
+                    help="comma-separated metric names; nested fields with '/' (default: "
+                         "reward,loss,kl,completion_length,timing/step)")
+    pl.add_argument("--smooth", type=int, default=1, help="add a moving average over this many steps")
+
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "plot":
+        return _plot(args)
     if args.command == "verify-resume":
         from rlswift.verify import verify_resume
 
@@ -63,6 +89,47 @@ def main(argv: list[str] | None = None) -> int:
         print(report)
         return 0 if identical else 1
     return 2
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _export(args) -> int:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rlswift.export import ExportError, export_checkpoint
+
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one summary line is enough for a command-line export
+        result = export_checkpoint(args.checkpoint, args.out, merge=args.merge, which=args.which,
+                                   base_model=args.base_model)
+    except ExportError as err:
+        return _fail(str(err))
+    if args.merge and result.kind == "full":
+        print("note: --merge ignored: a full fine-tuning checkpoint exports as a complete model already",
+              file=sys.stderr)
+    print(f"exported {result.checkpoint} (step {result.step}, {result.kind}) to {result.out}\n"
+          f"load it with: {result.how_to_load()}")
+    return 0
+
+
+def _plot(args) -> int:
+    from rlswift.plot import DEFAULT_METRICS, PlotError, plot_runs
+
+    metrics = args.metrics.split(",") if args.metrics else list(DEFAULT_METRICS)
+    try:
+        result = plot_runs(args.runs, args.out, metrics=metrics, smooth=args.smooth)
+    except PlotError as err:
+        return _fail(str(err))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {args.out}: {', '.join(result.panels)} for {len(args.runs)} run(s)")
+    return 0
 
 
 if __name__ == "__main__":
