@@ -19,7 +19,7 @@ from rlswift.runlog import read_jsonl
 
 RECIPES = {"grpo": "rlswift.recipes.grpo", "dpo": "rlswift.recipes.dpo"}
 # Positions inside the log files differ with the width of timing numbers; the files themselves are compared.
-IGNORED_HOOKS = {"metrics_log", "trajectories_log"}
+IGNORED_HOOKS = {"metrics_log", "trajectories_log", "trackers"}  # run ids, log offsets
 IGNORED_METRICS = {"timing", "perf"}  # wall-clock and memory readings
 VERIFY_MARKER = ".rlswift-verify"
 

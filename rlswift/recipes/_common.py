@@ -23,7 +23,9 @@ from rlswift.state import hooks_from_factories, user_hooks
 
 # Keys that only change how long a run goes or how it is watched: a resume may change these, no others.
 RUN_LENGTH_KEYS = frozenset({"max_steps", "save_steps", "save_total_limit", "resume", "output_dir", "overwrite",
-                             "progress_bar", "plot"})
+                             "progress_bar", "plot", "report_to", "run_name"})
+# Hooks added after rlswift 0.1: a checkpoint without them loads, and they keep their fresh state.
+NEW_HOOKS = ("trackers",)
 
 
 @dataclass
@@ -123,12 +125,17 @@ def resume_or_start(ckpt: CheckpointManager, registry, cfg, run_length_keys: set
             + (problem + " " if problem else "")
             + f"Resume with the saved settings (in {path}/manifest.json) or start a new output_dir; keys that may "
             f"change on resume: {', '.join(sorted(run_length_keys))}")
+    manifest_hooks = read_manifest(path).get("hooks") or {}
+    absent = {n: registry.unregister(n) for n in NEW_HOOKS if n in registry and n not in manifest_hooks}
     try:
         ckpt.load(path, registry)
     except (KeyError, ValueError, TypeError) as e:
         # A hook refused the saved state (other model, data, buffer sizes, ...): nothing of the run is changed.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise CheckpointError(f"resume from {path} refused: {msg}") from e
+    finally:
+        for name, hook in absent.items():
+            registry.register(name, hook)
     ckpt.protect = path
     return path
 

@@ -64,6 +64,7 @@ from rlswift.recipes._common import (  # noqa: E402
 from rlswift.rundir import prepare_run_dir  # noqa: E402
 from rlswift.runlog import JsonlLog  # noqa: E402
 from rlswift.signals import GracefulStop  # noqa: E402
+from rlswift.trackers import Trackers  # noqa: E402
 from rlswift.state import (  # noqa: E402
     EpochSampler,
     Progress,
@@ -139,6 +140,11 @@ class DPOConfig:
     """Show a tqdm bar with loss and accuracy."""
     plot: bool = True
     """Write reward.png (preference accuracy and margin moving averages) at the end."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers: any of tensorboard, wandb, trackio, mlflow (each an extra: pip install 'rlswift[wandb]');
+    they continue the same run after a resume, each step logged once."""
+    run_name: str | None = None
+    """The run's name in the trackers (default: the output_dir folder name)."""
 
 
 def validate(cfg: DPOConfig) -> None:
@@ -208,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                                               data_source=f"the preference data {cfg.dataset!r}"))
     registry.register("reference_cache", RewardCache())
     registry.register("metrics_log", JsonlLog(out / "metrics.jsonl"))
+    trackers = registry.register("trackers", Trackers(cfg.report_to, out, run_name=cfg.run_name,
+                                                       config=cfglib.to_dict(cfg), history=out / "metrics.jsonl"))
     sampler, ref_cache, metrics_log = registry.get("sampler"), registry.get("reference_cache"), registry.get("metrics_log")
 
     ckpt = CheckpointManager(out, save_total_limit=cfg.save_total_limit)
@@ -286,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "step": round(time.perf_counter() - t_step, 4), "last_save": round(last_save, 4)},
                       "perf": peak_memory(device)}
             metrics_log.write(record)
+            trackers.log(record, step)  # before the save: the checkpoint records the last step the trackers hold
             if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
                 t0 = time.perf_counter()
                 ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics={"loss": record["loss"]})
@@ -299,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if bar is not None:
         bar.close()
     metrics_log.close()
+    trackers.close()
     k, means = first_last_means(out / "metrics.jsonl", ["rewards/accuracies", "rewards/margins"], k_max=5)
     if k:
         (acc0, acc1), (mar0, mar1) = means["rewards/accuracies"], means["rewards/margins"]

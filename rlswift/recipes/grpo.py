@@ -72,6 +72,7 @@ from rlswift.rewards import resolve_reward_funcs, score  # noqa: E402
 from rlswift.rundir import prepare_run_dir  # noqa: E402
 from rlswift.runlog import JsonlLog  # noqa: E402
 from rlswift.signals import GracefulStop  # noqa: E402
+from rlswift.trackers import Trackers  # noqa: E402
 from rlswift.state import (  # noqa: E402
     EpisodeReturns,
     EpochSampler,
@@ -194,6 +195,11 @@ class GRPOConfig:
     """Show a tqdm bar with reward and step time."""
     plot: bool = True
     """Write reward.png (moving average of the mean reward) at the end."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers: any of tensorboard, wandb, trackio, mlflow (each an extra: pip install 'rlswift[wandb]');
+    they continue the same run after a resume, each step logged once."""
+    run_name: str | None = None
+    """The run's name in the trackers (default: the output_dir folder name)."""
 
 
 # Memory settings change how much is cached, never what is sampled: a resume may change them too.
@@ -406,10 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     gen_buffer, pending = ReplayBuffer(capacity=1), ReplayBuffer(capacity=max(64, 4 * cfg.prompts_per_step))
     cache, returns = RewardCache(max_entries=100_000), EpisodeReturns(window=16)
     metrics_log, traj_log = JsonlLog(out / "metrics.jsonl"), JsonlLog(out / "trajectories.jsonl")
+    trackers = Trackers(cfg.report_to, out, run_name=cfg.run_name, config=cfglib.to_dict(cfg),
+                        history=out / "metrics.jsonl")
     for name, hook in [("model", ModelHook(model)), ("optimizer", optimizer), ("scheduler", scheduler), ("rng", rng),
                        ("progress", progress), ("sampler", sampler), ("generation_batch", gen_buffer),
                        ("pending_groups", pending), ("reward_cache", cache), ("episode_returns", returns),
-                       ("metrics_log", metrics_log), ("trajectories_log", traj_log)]:
+                       ("metrics_log", metrics_log), ("trajectories_log", traj_log), ("trackers", trackers)]:
         registry.register(name, hook)
 
     ckpt = CheckpointManager(out, save_total_limit=cfg.save_total_limit)
@@ -524,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             record["perf"] = {"generated_tokens_per_s": round(generated / timings["rollout"], 1)
                               if timings["rollout"] else None, **peak_memory(device)}
             metrics_log.write(record)
+            trackers.log(record, step)  # before the save: the checkpoint records the last step the trackers hold
 
             # ---- save ----
             if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
@@ -540,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     if bar is not None:
         bar.close()
     engine.close()
-    for log in (metrics_log, traj_log):
+    for log in (metrics_log, traj_log, trackers):
         log.close()
     summary = summarize(out)
     if summary:
