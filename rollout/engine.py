@@ -1,4 +1,7 @@
-"""The rollout engine protocol, the engine factory, and the request and weight-update validation every engine shares."""
+"""The rollout engine protocol, the engine factory, request validation and the stats counters every engine shares.
+
+Weight-update validation lives in rollout.weights (re-exported here).
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rollout.client import RemoteEngine
+from rollout.engine import make_engine
 from rollout.hf_engine import HFEngine
 from rollout.types import Request, SamplingSpec
 
@@ -155,6 +156,9 @@ def test_gloo_weights_equal_in_process_and_bad_updates_are_refused_first(gloo_re
         eng.update_weights(model.state_dict().items(), changed=["model.norm.weight"])
     assert gloo_remote.stats()["last_sync_tensors"] == 1
     assert max_lp_diff(gloo_remote.generate(REQS), local.generate(REQS)) < 1e-4
+    # make_engine("remote", url=...) connects to a running server (nothing launched, nothing to restart).
+    other = make_engine("remote", tiny_model_dir, url=gloo_remote.url, weight_transport="http")
+    assert other.generate(REQS) == gloo_remote.generate(REQS) and other._launch is None
 
 
 def kill(proc):
