@@ -288,13 +288,17 @@ class RemoteEngine:
         env: dict[str, str] | None = None,
         startup_timeout: float = 300.0,
         timeout: float = 600.0,
-        **client_kwargs: Any,
+        **kwargs: Any,
     ) -> "RemoteEngine":
         """Start ``python -m rollout.serve`` as a subprocess, wait for its ready line, return a client owning it
-        (and able to restart it). ``env`` e.g. ``{"CUDA_VISIBLE_DEVICES": "1"}`` puts the engine on another GPU;
-        ``client_kwargs`` go to RemoteEngine (weight_transport, keep_weights, max_restarts, ...)."""
+        (and able to restart it). ``env`` e.g. ``{"CUDA_VISIBLE_DEVICES": "1"}`` puts the engine on another GPU.
+        ``kwargs``: engine settings (the server's flags: max_model_len, seed, kv_cache_gib, gpu_memory_utilization,
+        enforce_eager, max_num_seqs, max_num_batched_tokens, enable_sleep_mode, sleep_level, sync_method, device;
+        None = the engine's default) and client settings (weight_transport, transport_timeout, bucket_bytes,
+        keep_weights, max_restarts)."""
+        client_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in CLIENT_KWARGS}
         cmd = [sys.executable, "-m", "rollout.serve", "--model", str(model), "--engine", engine,
-               "--host", host, "--port", str(port), "--dtype", dtype, *extra_args]
+               "--host", host, "--port", str(port), "--dtype", dtype, *serve_flags(kwargs), *extra_args]
         child_env = dict(os.environ)
         child_env.update(env or {})
         root = str(Path(__file__).resolve().parents[1])  # so `rollout` imports even when not installed
@@ -304,6 +308,25 @@ class RemoteEngine:
         client = cls(url, timeout=timeout, **client_kwargs)
         client._proc, client._launch = proc, spec
         return client
+
+
+CLIENT_KWARGS = ("weight_transport", "transport_timeout", "bucket_bytes", "keep_weights", "max_restarts")
+SERVE_KWARGS = ("max_model_len", "seed", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "max_num_seqs",
+                "max_num_batched_tokens", "enable_sleep_mode", "sleep_level", "sync_method", "device")
+
+
+def serve_flags(settings: dict[str, Any]) -> list[str]:
+    """``rollout.serve`` command-line flags for engine settings (None and False: the engine's default)."""
+    flags: list[str] = []
+    for key, value in settings.items():
+        if key not in SERVE_KWARGS:
+            raise ValueError(f"RemoteEngine.launch: unknown argument {key!r}; engine settings: {list(SERVE_KWARGS)}, "
+                             f"client settings: {list(CLIENT_KWARGS)}")
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
 
 
 def _dtype(t: torch.Tensor) -> str:

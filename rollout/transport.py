@@ -154,8 +154,11 @@ class WeightChannel:
 
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
-        self.pg.broadcast([t], opts).wait()
-        if t.is_cuda:
+        if not t.is_cuda:
+            self.pg.broadcast([t], opts).wait()
+            return
+        with torch.cuda.device(t.device):  # the calling thread's current device may be another one
+            self.pg.broadcast([t], opts).wait()
             torch.cuda.current_stream(t.device).synchronize()
 
     def send(self, tensors: list[torch.Tensor], buckets: list[tuple[int, list[Slot]]]) -> None:

@@ -71,49 +71,57 @@ def throughput(eng, reqs, reps: int) -> dict:
             "ratio_median": round(statistics.median(rates["seeded"]) / statistics.median(rates["unseeded"]), 3)}
 
 
-def timed_syncs(eng, params, changed, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        eng.update_weights(params(), changed=changed)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
 def sync_bench(eng, model, reps: int) -> dict:
-    """Sync times in ms: the first full sync (names validated), steady full syncs, then only-what-changed syncs
-    for a LoRA on q/v (vLLM's reload path also reloads k: same fused layer) and on every linear layer."""
+    """Sync times in ms: the first full sync (names validated), then in alternating rounds (so load changes hit every
+    arm): full syncs, the path before this change (emulated, in-process engines), and only-what-changed syncs for a
+    LoRA on q/v (vLLM's reload path also reloads k: same fused layer) and on every linear layer. Median and min."""
+    import torch
+
     def params():
         return ((n, p.detach()) for n, p in model.named_parameters(remove_duplicate=False))
 
     names = [n for n, _ in params()]
-    lora_qv = [n for n in names if n.endswith(("q_proj.weight", "v_proj.weight"))]
-    linear = [n for n in names if "_proj.weight" in n]
-    first = timed_syncs(eng, params, None, 1)[0]
-    full = timed_syncs(eng, params, None, reps)
-    out = {"tensors": len(names), "first_full_ms": round(first, 2), "full_ms": round(statistics.median(full), 2),
-           "full_min_ms": round(min(full), 2)}
+    arms = {"full": (params, None),
+            "lora_qv": (params, [n for n in names if n.endswith(("q_proj.weight", "v_proj.weight"))]),
+            "lora_all_linear": (params, [n for n in names if "_proj.weight" in n])}
     validator = getattr(eng, "validator", None)
-    if validator is not None:  # in process: also the path before this change, emulated
-        import torch
-
+    if validator is not None:
         sd = dict(params())
         head, emb = sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
 
         def legacy():
-            # Before: every name validated on every sync, and the tied head compared to the embedding on the host.
+            # Before: every name validated on every sync, and a tied head given beside the embedding (as HF models
+            # yield it) compared to it on the host.
             validator._known.clear()
             if validator.tied and head is not None and emb is not None:
                 torch.equal(emb.cpu(), head.to(emb.dtype).cpu())
             return params()
 
-        ts = timed_syncs(eng, legacy, None, reps)
-        out["legacy_full_ms"] = round(statistics.median(ts), 2)
-    for label, changed in (("lora_qv", lora_qv), ("lora_all_linear", linear)):
-        ts = timed_syncs(eng, params, changed, reps)
-        out[f"{label}_ms"] = round(statistics.median(ts), 2)
-        out[f"{label}_tensors"] = eng.stats().get("last_sync_tensors")
+        arms["legacy_full"] = (legacy, None)
+    t0 = time.perf_counter()
+    eng.update_weights(params())
+    out: dict = {"tensors": len(names), "first_full_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    counts: dict[str, int] = {}
+    for _ in range(reps):
+        for arm, (fn, changed) in arms.items():
+            t0 = time.perf_counter()
+            eng.update_weights(fn(), changed=changed)
+            times[arm].append((time.perf_counter() - t0) * 1e3)
+            counts[arm] = eng.stats().get("last_sync_tensors")
+    for arm, ts in times.items():
+        out[f"{arm}_ms"], out[f"{arm}_min_ms"] = round(statistics.median(ts), 2), round(min(ts), 2)
+        out[f"{arm}_tensors"] = counts[arm]
     return out
+
+
+def print_sync(title: str, s: dict) -> None:
+    print(f"{title}: first {s['first_full_ms']:.1f} ms; median (min) ms: full {s['full_ms']:.1f} ({s['full_min_ms']:.1f})"
+          + (f", before this change (emulated) {s['legacy_full_ms']:.1f} ({s['legacy_full_min_ms']:.1f})"
+             if "legacy_full_ms" in s else "")
+          + f"; changed-only: LoRA q/v {s['lora_qv_ms']:.1f} ({s['lora_qv_min_ms']:.1f}) [{s['lora_qv_tensors']} "
+          f"tensors], LoRA all-linear {s['lora_all_linear_ms']:.1f} ({s['lora_all_linear_min_ms']:.1f}) "
+          f"[{s['lora_all_linear_tensors']} tensors]", flush=True)
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -150,11 +158,7 @@ def bench_model(path: Path, a: argparse.Namespace, cuda: bool) -> dict:
               f" tok/s -> seeded/unseeded {r['ratio']:.3f} (best), {r['ratio_median']:.3f} (median); "
               f"engine.generate {r['engine_tok_s']:.0f} tok/s", flush=True)
     res["sync"] = s = sync_bench(eng, model, a.reps + 2)
-    print(f"sync ({s['tensors']} tensors, in process, {eng.sync_method}): first {s['first_full_ms']:.1f} ms, full "
-          f"{s['full_ms']:.1f} ms (min {s['full_min_ms']:.1f}; before this change, emulated: "
-          f"{s['legacy_full_ms']:.1f}); changed-only: LoRA q/v {s['lora_qv_ms']:.1f} ms "
-          f"({s['lora_qv_tensors']} tensors), LoRA all-linear {s['lora_all_linear_ms']:.1f} ms "
-          f"({s['lora_all_linear_tensors']} tensors)", flush=True)
+    print_sync(f"sync, in process ({eng.sync_method}, {s['tensors']} tensors)", s)
     reqs = make_requests(16, 4, a.prompt_len, a.tokens, vocab)
     reference = eng.generate(reqs)
     eng.close()
@@ -182,9 +186,8 @@ def bench_remote(path: Path, a, model, dtype: str, reqs, reference) -> dict:
         same = [o.completion_ids for o in got] == [o.completion_ids for o in reference]
         err = max(abs(x - y) for g, r in zip(got, reference) for x, y in zip(g.logprobs, r.logprobs))
         out.update(same_tokens=same, max_logprob_diff=err)
-        print(f"remote ({a.remote}): first {out['first_full_ms']:.1f} ms, full {out['full_ms']:.1f} ms, LoRA q/v "
-              f"{out['lora_qv_ms']:.1f} ms; rollouts vs in-process: same tokens {same}, max logprob diff {err:.2e}",
-              flush=True)
+        print_sync(f"sync, remote ({a.remote})", out)
+        print(f"remote rollouts vs in-process: same tokens {same}, max logprob diff {err:.2e}", flush=True)
         return out
     finally:
         remote.close()

@@ -69,6 +69,16 @@ def test_errors_come_back_as_value_error_and_server_keeps_serving(remote, tiny_m
     assert remote.generate(REQS) == local.generate(REQS)
 
 
+def test_launch_settings_become_server_flags():
+    from rollout.client import serve_flags
+
+    assert serve_flags({"max_model_len": 512, "seed": 0, "kv_cache_gib": None, "enforce_eager": True,
+                        "enable_sleep_mode": False, "gpu_memory_utilization": 0.8}) == [
+        "--max-model-len", "512", "--seed", "0", "--enforce-eager", "--gpu-memory-utilization", "0.8"]
+    with pytest.raises(ValueError, match="unknown argument 'max_tokens'.*engine settings"):
+        serve_flags({"max_tokens": 3})
+
+
 def test_launch_failure_is_reported(tmp_path):
     with pytest.raises(RuntimeError, match="did not start"):
         RemoteEngine.launch(tmp_path / "missing", engine="hf", startup_timeout=60)
@@ -87,13 +97,16 @@ def test_vllm_round_trip_over_gloo_equals_in_process(tiny_model_dir):
     from rollout.vllm_engine import VLLMEngine
 
     model = perturbed(tiny_model_dir)
-    remote = RemoteEngine.launch(tiny_model_dir, engine="vllm", weight_transport="gloo", transport_timeout=120,
-                                 extra_args=["--max-model-len", "512", "--kv-cache-gib", "1"])
+    remote = make_engine("remote", tiny_model_dir, engine="vllm", weight_transport="gloo", transport_timeout=120,
+                         max_model_len=512, kv_cache_gib=1, seed=0, enable_sleep_mode=True)
     local = VLLMEngine(tiny_model_dir, max_model_len=512, kv_cache_gib=1)
     try:
         after = round_trip(remote, local, model)
         assert max_lp_diff(after, local.generate(REQS)) < 1e-4
-        assert remote.stats()["transport"] == "gloo"
+        stats = remote.stats()
+        assert stats["transport"] == "gloo" and "enable_sleep_mode" in stats["ignored_settings"]  # CPU: no sleep mode
+        remote.sleep()
+        assert remote.generate(REQS) == after  # sleep/wake through the server change nothing
     finally:
         remote.close()
         local.close()
