@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import http.client
 import os
-import queue
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -31,7 +29,7 @@ from typing import Any
 import orjson
 import torch
 
-from rollout.serve import READY_PREFIX
+from rollout.launch import CLIENT_KWARGS, SERVE_KWARGS, serve_flags, start_server, stop_server, wait_ready  # noqa: F401
 from rollout.types import Request, Rollout, request_to_dict
 
 TRANSPORTS = ("auto", "http", "gloo", "nccl")
@@ -123,7 +121,7 @@ class RemoteEngine:
             self._channel.close()
             self._channel = None
         self._via = None
-        self.url, self._proc = _start(**self._launch)
+        self.url, self._proc = start_server(**self._launch)
         # The new server starts from the folder: give it every weight of the last update (and of the one in flight).
         try:
             if self._held or self._pending:
@@ -199,7 +197,8 @@ class RemoteEngine:
         if via == "http":
             if changed is not None:
                 meta = [[n, _dtype(t), list(t.shape)] for n, t in items]
-                send = set(self._post_json("/weights/plan", {"meta": meta, "changed": list(changed), "via": "http"})["send"])
+                plan = self._post_json("/weights/plan", {"meta": meta, "changed": list(changed), "via": "http"})
+                send = set(plan["send"])
                 items = [(n, t) for n, t in items if n in send]
             self._call("POST", "/update_weights", _safetensors(items), "application/octet-stream")
             return
@@ -234,7 +233,8 @@ class RemoteEngine:
         with ThreadPoolExecutor(max_workers=1) as pool:
             answer = pool.submit(self._post_json, "/transport/init", init)
             try:
-                channel = WeightChannel(backend, host, store.port, rank=0, timeout_s=self.transport_timeout, store=store)
+                channel = WeightChannel(backend, host, store.port, rank=0, timeout_s=self.transport_timeout,
+                                        store=store)
             except Exception:
                 answer.cancel()
                 raise
@@ -268,7 +268,7 @@ class RemoteEngine:
             self._call("POST", "/shutdown")
         except Exception:  # noqa: BLE001 - the process may be gone already; terminate below
             pass
-        _stop(proc)
+        stop_server(proc)
 
     def __enter__(self) -> "RemoteEngine":
         return self
@@ -304,29 +304,10 @@ class RemoteEngine:
         root = str(Path(__file__).resolve().parents[1])  # so `rollout` imports even when not installed
         child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH", "")) if p)
         spec = {"cmd": cmd, "env": child_env, "startup_timeout": startup_timeout}
-        url, proc = _start(**spec)
+        url, proc = start_server(**spec)
         client = cls(url, timeout=timeout, **client_kwargs)
         client._proc, client._launch = proc, spec
         return client
-
-
-CLIENT_KWARGS = ("weight_transport", "transport_timeout", "bucket_bytes", "keep_weights", "max_restarts")
-SERVE_KWARGS = ("max_model_len", "seed", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "max_num_seqs",
-                "max_num_batched_tokens", "enable_sleep_mode", "sleep_level", "sync_method", "device")
-
-
-def serve_flags(settings: dict[str, Any]) -> list[str]:
-    """``rollout.serve`` command-line flags for engine settings (None and False: the engine's default)."""
-    flags: list[str] = []
-    for key, value in settings.items():
-        if key not in SERVE_KWARGS:
-            raise ValueError(f"RemoteEngine.launch: unknown argument {key!r}; engine settings: {list(SERVE_KWARGS)}, "
-                             f"client settings: {list(CLIENT_KWARGS)}")
-        if value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        flags += [flag] if value is True else [flag, str(value)]
-    return flags
 
 
 def _dtype(t: torch.Tensor) -> str:
@@ -349,60 +330,3 @@ def _safetensors(items: list[tuple[str, torch.Tensor]]) -> bytes:
         seen.add(t.data_ptr())
         tensors[name] = t
     return save(tensors)
-
-
-def _start(cmd: list[str], env: dict[str, str], startup_timeout: float) -> tuple[str, subprocess.Popen]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True, bufsize=1)
-    url, seen = wait_ready(proc, startup_timeout)
-    if url is None:
-        proc.kill()
-        proc.wait()
-        tail = "".join(seen[-20:])
-        raise RuntimeError(
-            f"rollout.serve did not start within {startup_timeout:.0f} s (exit code {proc.returncode}): "
-            f"{' '.join(cmd)}\n{tail}")
-    return url, proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_ready(proc: subprocess.Popen, timeout: float) -> tuple[str | None, list[str]]:
-    """Wait up to ``timeout`` s for the server's ready line: (its URL or None, the lines seen before it).
-
-    A reader thread owns the pipe, so a server that hangs without printing still times out; after the ready line
-    it keeps draining stdout (engine logs may go there) so a full pipe never blocks the server.
-    """
-    assert proc.stdout is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            if not ready.is_set():
-                lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    seen: list[str] = []
-    while True:
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            return None, seen
-        if line is None:  # EOF: the server died before it was ready
-            return None, seen
-        if line.startswith(READY_PREFIX):
-            ready.set()
-            return line[len(READY_PREFIX):].strip(), seen
-        seen.append(line)

@@ -126,8 +126,8 @@ def make_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, k
                 self._reply(200, {"ok": True})
                 threading.Thread(target=self.server.shutdown, daemon=True).start()
             else:
-                self._reply(404, {"error": f"unknown path {self.path!r}: use /generate, /update_weights, "
-                                           "/weights/plan, /weights/done, /transport/init, /sleep, /wake_up, /shutdown"})
+                paths = "/generate, /update_weights, /weights/plan, /weights/done, /transport/init, /sleep, /wake_up"
+                self._reply(404, {"error": f"unknown path {self.path!r}: use {paths} or /shutdown"})
 
         def _init_transport(self, p: dict) -> None:
             from rollout.transport import WeightChannel

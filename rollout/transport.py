@@ -137,7 +137,8 @@ class WeightChannel:
             self.device = torch.device("cpu")
         else:
             if not hasattr(dist, "ProcessGroupNCCL") or not torch.cuda.is_available():
-                raise RuntimeError("weight_transport='nccl' needs CUDA and a torch build with NCCL; use 'gloo' or 'http'")
+                raise RuntimeError("weight_transport='nccl' needs CUDA and a torch build with NCCL; "
+                                   "use 'gloo' or 'http'")
             self.device = torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
             torch.cuda.set_device(self.device)
             opts = dist.ProcessGroupNCCL.Options()

@@ -68,8 +68,8 @@ class _QuietReload(logging.Filter):
         return not ("Failed to load weights" in msg or "weights were not loaded" in msg)
 
 
-_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace",
-                   "vllm.v1.worker.gpu_model_runner")
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+                   "vllm.model_executor.model_loader.reload.inplace", "vllm.v1.worker.gpu_model_runner")
 
 
 def _positive_int(name: str, v: Any) -> int | None:
@@ -116,15 +116,18 @@ class VLLMEngine:
         # ---- validate every setting before the (slow) vLLM import
         if kv_cache_gib is not None and (isinstance(kv_cache_gib, bool) or int(kv_cache_gib) != kv_cache_gib
                                          or kv_cache_gib <= 0):
-            raise ValueError(f"kv_cache_gib must be a positive whole number of GiB (vLLM reads an int), got {kv_cache_gib}")
+            raise ValueError(f"kv_cache_gib must be a positive whole number of GiB (vLLM reads an int), "
+                             f"got {kv_cache_gib}")
         if gpu_memory_utilization is not None and not 0.0 < float(gpu_memory_utilization) <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1] (fraction of GPU memory), got {gpu_memory_utilization}")
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1] (fraction of GPU memory), "
+                             f"got {gpu_memory_utilization}")
         if enforce_eager not in (None, True, False):
             raise ValueError(f"enforce_eager must be True, False or None, got {enforce_eager!r}")
         max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
         max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         if sleep_level not in (1, 2):
-            raise ValueError(f"sleep_level must be 1 (keep weights in host memory) or 2 (discard them), got {sleep_level!r}")
+            raise ValueError(f"sleep_level must be 1 (keep weights in host memory) or 2 (discard them), "
+                             f"got {sleep_level!r}")
         if sync_method not in SYNC_METHODS:
             raise ValueError(f"sync_method must be one of {list(SYNC_METHODS)}, got {sync_method!r}")
         # vLLM reads these at import time: in-process engine core, CPU KV cache size, no telemetry.

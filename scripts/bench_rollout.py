@@ -116,7 +116,8 @@ def sync_bench(eng, model, reps: int) -> dict:
 
 
 def print_sync(title: str, s: dict) -> None:
-    print(f"{title}: first {s['first_full_ms']:.1f} ms; median (min) ms: full {s['full_ms']:.1f} ({s['full_min_ms']:.1f})"
+    print(f"{title}: first {s['first_full_ms']:.1f} ms; median (min) ms: full {s['full_ms']:.1f} "
+          f"({s['full_min_ms']:.1f})"
           + (f", before this change (emulated) {s['legacy_full_ms']:.1f} ({s['legacy_full_min_ms']:.1f})"
              if "legacy_full_ms" in s else "")
           + f"; changed-only: LoRA q/v {s['lora_qv_ms']:.1f} ({s['lora_qv_min_ms']:.1f}) [{s['lora_qv_tensors']} "
@@ -154,8 +155,9 @@ def bench_model(path: Path, a: argparse.Namespace, cuda: bool) -> dict:
     for n in a.samples:
         r = throughput(eng, make_requests(n, a.per_prompt, a.prompt_len, a.tokens, vocab), a.reps)
         res["throughput"].append(r)
-        print(f"vLLM {r['samples']:4d} samples: seeded {r['seeded_tok_s']:9.0f} tok/s, unseeded {r['unseeded_tok_s']:9.0f}"
-              f" tok/s -> seeded/unseeded {r['ratio']:.3f} (best), {r['ratio_median']:.3f} (median); "
+        print(f"vLLM {r['samples']:4d} samples: seeded {r['seeded_tok_s']:9.0f} tok/s, "
+              f"unseeded {r['unseeded_tok_s']:9.0f} tok/s -> seeded/unseeded {r['ratio']:.3f} (best), "
+              f"{r['ratio_median']:.3f} (median); "
               f"engine.generate {r['engine_tok_s']:.0f} tok/s", flush=True)
     res["sync"] = s = sync_bench(eng, model, a.reps + 2)
     print_sync(f"sync, in process ({eng.sync_method}, {s['tensors']} tensors)", s)
@@ -206,8 +208,9 @@ def bench_hf(model, path: Path, reqs) -> dict:
     ids = torch.tensor([r.prompt_ids for r in reqs for _ in r.seeds], device=model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=reqs[0].sampling.max_tokens,
-                           min_new_tokens=reqs[0].sampling.max_tokens, top_k=0, top_p=1.0, pad_token_id=0)
+        t = reqs[0].sampling.max_tokens
+        g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=t,
+                           min_new_tokens=t, top_k=0, top_p=1.0, pad_token_id=0)
     dg = time.perf_counter() - t0
     ng = (g.shape[1] - ids.shape[1]) * g.shape[0]
     print(f"HF engine (exact, batch 1): {n / dt:.0f} tok/s; batched model.generate (unseeded): {ng / dg:.0f} tok/s",
