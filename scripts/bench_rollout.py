@@ -2,7 +2,8 @@
 (full, steady, only-what-changed), optionally a remote engine's sync over HTTP / gloo / NCCL, and the HF engine.
 
     python scripts/bench_rollout.py [--models tiny,smollm2-135m,DIR] [--samples 64,512] [--tokens 32] [--reps 3]
-        [--dtype float32|bfloat16] [--set gpu_memory_utilization=0.3 ...] [--remote gloo|http|nccl] [--hf]
+        [--dtype float32|bfloat16] [--set gpu_memory_utilization=0.3 ...] [--remote gloo|http|nccl] [--sleep-check]
+        [--hf]
 
 Runs on CPU (the tiny model in seconds) and on a GPU (pass a model folder, e.g. a 0.5B-shaped Qwen2; on CUDA the
 default dtype is bfloat16 and the sync tensors live on the GPU, as a trainer's would). ``--remote nccl`` on a machine
@@ -164,11 +165,54 @@ def bench_model(path: Path, a: argparse.Namespace, cuda: bool) -> dict:
     reqs = make_requests(16, 4, a.prompt_len, a.tokens, vocab)
     reference = eng.generate(reqs)
     eng.close()
+    if a.sleep_check:
+        res["sleep"] = sleep_check(path, a, model, dtype, reqs, reference)
     if a.remote:
         res["remote"] = bench_remote(path, a, model, dtype, reqs, reference)
     if a.hf:
         res["hf"] = bench_hf(model, path, reqs)
     return res
+
+
+def sleep_check(path: Path, a, model, dtype: str, reqs, reference) -> dict:
+    """Sleep mode keeps rollouts exact: with the same synced weights, tokens after sleep/wake (level 1), after sleep
+    then a changed-only sync (level 1), and after a level-2 sleep then a full sync equal those of the engine without
+    sleep mode; also GPU memory freed by sleep (a no-op on CPU: vLLM has no sleep mode there)."""
+    import torch
+
+    from rollout.vllm_engine import VLLMEngine
+
+    def params():
+        return ((n, p.detach()) for n, p in model.named_parameters(remove_duplicate=False))
+
+    def free_gib():
+        return torch.cuda.mem_get_info()[0] / 2**30 if torch.cuda.is_available() else float("nan")
+
+    out: dict = {}
+    for level in (1, 2):
+        eng = VLLMEngine(path, dtype=dtype, max_model_len=a.max_model_len, enable_sleep_mode=True, sleep_level=level,
+                         **parse_sets(a.set))
+        try:
+            eng.update_weights(params())
+            runs = {"awake": eng.generate(reqs)}
+            before = free_gib()
+            eng.sleep()
+            out[f"level{level}_freed_gib"] = round(free_gib() - before, 2)
+            if level == 1:
+                eng.wake_up()
+                runs["sleep_wake"] = eng.generate(reqs)
+                eng.sleep()
+                eng.update_weights(params(), changed=["model.norm.weight"])
+                runs["sleep_sync_changed"] = eng.generate(reqs)
+            else:
+                eng.update_weights(params())
+                runs["sleep_full_sync"] = eng.generate(reqs)
+            for name, got in runs.items():
+                out[f"level{level}_{name}_same"] = [o.completion_ids for o in got] == [o.completion_ids for o in reference]
+        finally:
+            eng.close()
+    print("sleep mode: " + ", ".join(f"{k}={v}" for k, v in out.items()), flush=True)
+    return out
 
 
 def bench_remote(path: Path, a, model, dtype: str, reqs, reference) -> dict:
@@ -232,6 +276,8 @@ def main() -> None:
                    help="VLLMEngine setting, e.g. gpu_memory_utilization=0.3, max_num_seqs=256, kv_cache_gib=4")
     p.add_argument("--remote", choices=["http", "gloo", "nccl"], default=None, help="also bench a remote engine")
     p.add_argument("--remote-gpu", type=int, default=1, help="CUDA device of the remote server (--remote nccl)")
+    p.add_argument("--sleep-check", action="store_true",
+                   help="also check that sleep mode (levels 1 and 2) keeps rollouts exact, and what it frees (GPU)")
     p.add_argument("--hf", action="store_true", help="also the HF engine and batched model.generate (slow on CPU)")
     p.add_argument("--json", default=None, help="write the numbers to this file")
     a = p.parse_args()
