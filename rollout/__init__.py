@@ -1,4 +1,4 @@
-"""rollout: generation engines for RL post-training (vLLM in-process, transformers, remote over HTTP).
+"""rollout: generation engines for RL post-training (vLLM in-process, transformers, remote over HTTP + gloo/NCCL).
 
 Never imports rlswift. Engines import their heavy dependencies lazily, so ``import rollout`` is cheap.
 """

@@ -1,32 +1,55 @@
-"""The rollout engine protocol, the engine factory, and the request and weight-update validation every engine shares."""
+"""The rollout engine protocol, the engine factory, request validation and the stats counters every engine shares.
+
+Weight-update validation lives in rollout.weights (re-exported here).
+"""
 
 from __future__ import annotations
 
-import difflib
-import json
-import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from rollout.types import Request, Rollout
-
-TIED_HEAD = "lm_head.weight"
-TIED_EMBED = "model.embed_tokens.weight"
+from rollout.weights import (  # noqa: F401 - re-exported: engines and tests import them from here
+    TIED_EMBED,
+    TIED_HEAD,
+    SyncPlanner,
+    WeightValidator,
+    is_tied,
+    read_weight_shapes,
+)
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the trainer needs from a generator: sample, take new weights, release resources."""
+    """What the trainer needs from a generator: sample, take new weights, free memory between rollouts, report."""
 
     def generate(self, requests: list[Request]) -> list[Rollout]:
         """One Rollout per (request, seed), flat, ordered by (request_index, sample_index)."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace weights by HF parameter name (e.g. ``model.layers.0.self_attn.q_proj.weight``)."""
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       changed: Collection[str] | None = None) -> None:
+        """Replace weights by HF parameter name (e.g. ``model.layers.0.self_attn.q_proj.weight``); weights not given
+        keep their values. ``changed``: the names that may differ from the caller's previous update (None: all);
+        the engine then loads only those (plus what it needs to load them exactly). It is ignored until the engine
+        has received every weight once, so passing e.g. the trainable names on every call is always safe."""
+        ...
+
+    def sleep(self) -> None:
+        """Free what generation alone needs (vLLM sleep mode: the KV cache) until the next call; a no-op where the
+        engine has nothing to free. Weights survive (the next generate uses the last synced ones)."""
+        ...
+
+    def wake_up(self) -> None:
+        """Undo sleep() now (otherwise the next update_weights/generate does it)."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for logs: engine start seconds, last sync ms, generated tokens, ... (JSON-able)."""
         ...
 
     def close(self) -> None:
@@ -34,8 +57,16 @@ class RolloutEngine(Protocol):
         ...
 
 
+ENGINE_KINDS = ("vllm", "hf", "remote")
+
+
 def make_engine(kind: str, model_path: str | Path, **kwargs: Any) -> RolloutEngine:
-    """Build an engine by kind: ``"vllm"`` (VLLMEngine) or ``"hf"`` (HFEngine); kwargs go to its constructor."""
+    """Build an engine by kind; kwargs go to its constructor.
+
+    ``"vllm"``: VLLMEngine (in process). ``"hf"``: HFEngine. ``"remote"``: RemoteEngine; with ``url=...`` it
+    connects to a running ``python -m rollout.serve``, otherwise it launches one for ``model_path``
+    (kwargs as ``RemoteEngine.launch``) and restarts it if it dies.
+    """
     if kind == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
@@ -44,7 +75,44 @@ def make_engine(kind: str, model_path: str | Path, **kwargs: Any) -> RolloutEngi
         from rollout.hf_engine import HFEngine
 
         return HFEngine(model_path, **kwargs)
-    raise ValueError(f"unknown engine kind {kind!r}: use 'vllm' or 'hf'")
+    if kind == "remote":
+        from rollout.client import RemoteEngine
+
+        if "url" in kwargs:
+            return RemoteEngine(**kwargs)
+        return RemoteEngine.launch(model_path, **kwargs)
+    raise ValueError(f"unknown engine kind {kind!r}: use one of {list(ENGINE_KINDS)}")
+
+
+class EngineStats:
+    """The counters behind ``stats()``: engines call ``synced``/``generated`` after each call."""
+
+    def __init__(self, engine: str, device: str) -> None:
+        self.t0 = time.perf_counter()
+        self.values: dict[str, Any] = {
+            "engine": engine, "device": device, "start_s": None, "syncs": 0, "last_sync_ms": None,
+            "last_sync_tensors": 0, "sync_ms_total": 0.0, "generate_calls": 0, "last_generate_s": None,
+            "last_generated_tokens": 0, "generated_tokens": 0, "asleep": False,
+        }
+
+    def started(self) -> None:
+        """Record the engine start time (seconds since this object was made)."""
+        self.values["start_s"] = round(time.perf_counter() - self.t0, 3)
+
+    def synced(self, t0: float, n_tensors: int) -> None:
+        ms = (time.perf_counter() - t0) * 1e3
+        v = self.values
+        v.update(syncs=v["syncs"] + 1, last_sync_ms=round(ms, 3), last_sync_tensors=n_tensors,
+                 sync_ms_total=round(v["sync_ms_total"] + ms, 3))
+
+    def generated(self, t0: float, rollouts: list[Rollout]) -> None:
+        n = sum(len(r.completion_ids) for r in rollouts)
+        v = self.values
+        v.update(generate_calls=v["generate_calls"] + 1, last_generate_s=round(time.perf_counter() - t0, 4),
+                 last_generated_tokens=n, generated_tokens=v["generated_tokens"] + n)
+
+    def snapshot(self, **extra: Any) -> dict[str, Any]:
+        return {**self.values, **extra}
 
 
 def check_requests(requests: list[Request], max_model_len: int, vocab_size: int) -> None:
@@ -66,93 +134,3 @@ def check_requests(requests: list[Request], max_model_len: int, vocab_size: int)
             raise ValueError(f"request {i}: token id {max(r.prompt_ids)} is outside the vocabulary (size {vocab_size})")
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    # The header is 8 bytes of little-endian length then JSON: reading it never loads the tensors.
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
-
-
-def read_weight_shapes(model_path: str | Path) -> dict[str, tuple[int, ...]]:
-    """HF parameter name -> shape, from the safetensors headers of a model folder (sharded or not)."""
-    root = Path(model_path)
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {root}: engines need a safetensors model folder")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        for name, meta in _safetensors_header(f).items():
-            if name != "__metadata__":
-                shapes[name] = tuple(meta["shape"])
-    return shapes
-
-
-def is_tied(model_path: str | Path, shapes: dict[str, tuple[int, ...]]) -> bool:
-    """Whether the model ties lm_head to the input embedding (config flag, or lm_head absent from the files)."""
-    cfg_file = Path(model_path) / "config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-    tied = cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings"))
-    if tied is None:
-        tied = TIED_HEAD not in shapes
-    return bool(tied) and TIED_EMBED in shapes
-
-
-class WeightValidator:
-    """Checks a weight update against the model's names and shapes before any engine is touched.
-
-    For tied models ``lm_head.weight`` is accepted as another name of ``model.embed_tokens.weight``: it is folded into
-    the embedding (if both are given they must be equal, since one tensor cannot hold two values).
-    """
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], tied: bool) -> None:
-        self.shapes = dict(shapes)
-        self.tied = tied
-        if tied:
-            self.shapes.pop(TIED_HEAD, None)  # some tied checkpoints still store the head; it is not a free weight
-
-    @classmethod
-    def from_model_dir(cls, model_path: str | Path) -> "WeightValidator":
-        """Validator for the model folder's safetensors weights."""
-        shapes = read_weight_shapes(model_path)
-        return cls(shapes, is_tied(model_path, shapes))
-
-    def check(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-        """Materialise and validate an update; return it as a list of (canonical name, detached tensor).
-
-        Raises ValueError for: an unknown name (with close valid names), a wrong shape (both shapes), a non-tensor,
-        a name given twice, or a tied head that differs from the embedding given with it.
-        """
-        out: dict[str, torch.Tensor] = {}
-        head: torch.Tensor | None = None
-        for item in named_tensors:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise ValueError(f"update_weights wants (name, tensor) pairs, got {type(item).__name__}")
-            name, t = item
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"update_weights: value for {name!r} is a {type(t).__name__}, not a torch.Tensor")
-            key = TIED_EMBED if (self.tied and name == TIED_HEAD) else name
-            if key not in self.shapes:
-                close = difflib.get_close_matches(name, list(self.shapes), n=4, cutoff=0.5)
-                raise ValueError(
-                    f"update_weights: unknown weight name {name!r}; close valid names: {close or sorted(self.shapes)[:4]}"
-                    " (names are HF parameter names as in the model's safetensors files; merge LoRA first)"
-                )
-            want = self.shapes[key]
-            if tuple(t.shape) != want:
-                raise ValueError(f"update_weights: wrong shape for {name!r}: got {tuple(t.shape)}, the model has {want}")
-            # The tied head is held apart from `out` until the end; every other name (an untied head too) is in `out`.
-            if (key != name and head is not None) or (key == name and name in out):
-                raise ValueError(f"update_weights: weight {name!r} given twice")
-            if key != name:
-                head = t.detach()
-            else:
-                out[name] = t.detach()
-        if head is not None:
-            if TIED_EMBED not in out:
-                out[TIED_EMBED] = head
-            elif out[TIED_EMBED] is not head and not torch.equal(out[TIED_EMBED].cpu(), head.to(out[TIED_EMBED].dtype).cpu()):
-                raise ValueError(
-                    "update_weights: lm_head.weight differs from model.embed_tokens.weight but the model ties them; "
-                    "send one of them (or equal tensors)"
-                )
-        return list(out.items())

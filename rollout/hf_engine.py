@@ -8,13 +8,15 @@ are not those of vLLM (the samplers differ); the seed semantics are.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rollout.engine import WeightValidator, check_requests
+from rollout.engine import EngineStats, check_requests
+from rollout.weights import SyncPlanner, WeightValidator
 from rollout.types import Request, Rollout, SamplingSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +51,7 @@ class HFEngine:
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self._stats = EngineStats("hf", str(device))
         torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         if isinstance(model, (str, Path)):
             path = Path(model)
@@ -70,6 +73,9 @@ class HFEngine:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos = cfg.eos_token_id if eos is None else eos
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self.planner = SyncPlanner(self.validator)  # any subset of weights loads exactly (plain copies)
+        self._targets = dict(self.model.state_dict(keep_vars=True))
+        self._stats.started()
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
@@ -109,23 +115,47 @@ class HFEngine:
     def generate(self, requests: list[Request]) -> list[Rollout]:
         """Sample one completion per seed; flat list ordered by (request, sample)."""
         check_requests(requests, self.max_model_len, self.vocab_size)
+        t0 = time.perf_counter()
         rollouts = []
         for i, r in enumerate(requests):
             for j, seed in enumerate(r.seeds):
                 ids, lps, finish, text = self._sample_one(r.prompt_ids, seed, r.sampling)
                 rollouts.append(Rollout(i, j, seed, list(r.prompt_ids), ids, lps, finish, text))
+        self._stats.generated(t0, rollouts)
         return rollouts
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Validate names/shapes (all before any copy), then copy into the model (tied head follows the embedding)."""
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       changed: Collection[str] | None = None) -> None:
+        """Validate names/shapes (all before any copy; once per name), then copy what changed into the model (the
+        tied head follows the embedding). See RolloutEngine.update_weights for ``changed``."""
+        t0 = time.perf_counter()
         weights = self.validator.check(named_tensors)
-        targets = dict(self.model.state_dict(keep_vars=True))
+        chosen = set(self.planner.select([n for n, _ in weights], changed))
         with torch.no_grad():
             for name, t in weights:
-                dst = targets[name]
-                dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+                if name in chosen:
+                    dst = self._targets[name]
+                    dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+        self.planner.loaded(list(chosen))
+        self._stats.synced(t0, len(chosen))
+
+    def plan_update(self, meta: Iterable[tuple[str, tuple[int, ...]]], changed: Collection[str] | None = None
+                    ) -> list[str]:
+        """Validate an update announced by (name, shape) pairs; the names (as given) update_weights would load."""
+        return self.planner.plan(meta, changed)
+
+    def sleep(self) -> None:
+        """No-op: the HF engine holds no cache between calls."""
+
+    def wake_up(self) -> None:
+        """No-op (see sleep)."""
+
+    def stats(self) -> dict[str, Any]:
+        """EngineStats counters."""
+        return self._stats.snapshot()
 
     def close(self) -> None:
         """Drop the model."""
         self.model = None
+        self._targets = {}

@@ -1,11 +1,16 @@
-"""RemoteEngine + rollout.serve over loopback: same results as in-process, errors re-raised as ValueError."""
+"""RemoteEngine + rollout.serve over loopback: same results as in-process (weights over HTTP or a gloo process group),
+errors re-raised as ValueError, a killed server restarted with the last weights."""
 
 import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
 
 from rollout.client import RemoteEngine
+from rollout.engine import make_engine
 from rollout.hf_engine import HFEngine
 from rollout.types import Request, SamplingSpec
 
@@ -64,6 +69,16 @@ def test_errors_come_back_as_value_error_and_server_keeps_serving(remote, tiny_m
     assert remote.generate(REQS) == local.generate(REQS)
 
 
+def test_launch_settings_become_server_flags():
+    from rollout.client import serve_flags
+
+    assert serve_flags({"max_model_len": 512, "seed": 0, "kv_cache_gib": None, "enforce_eager": True,
+                        "enable_sleep_mode": False, "gpu_memory_utilization": 0.8}) == [
+        "--max-model-len", "512", "--seed", "0", "--enforce-eager", "--gpu-memory-utilization", "0.8"]
+    with pytest.raises(ValueError, match="unknown argument 'max_tokens'.*engine settings"):
+        serve_flags({"max_tokens": 3})
+
+
 def test_launch_failure_is_reported(tmp_path):
     with pytest.raises(RuntimeError, match="did not start"):
         RemoteEngine.launch(tmp_path / "missing", engine="hf", startup_timeout=60)
@@ -77,15 +92,21 @@ def test_close_stops_the_server(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_vllm_round_trip_equals_in_process(tiny_model_dir):
+def test_vllm_round_trip_over_gloo_equals_in_process(tiny_model_dir):
     pytest.importorskip("vllm")
     from rollout.vllm_engine import VLLMEngine
 
     model = perturbed(tiny_model_dir)
-    remote = RemoteEngine.launch(tiny_model_dir, engine="vllm", extra_args=["--max-model-len", "512", "--kv-cache-gib", "1"])
+    remote = make_engine("remote", tiny_model_dir, engine="vllm", weight_transport="gloo", transport_timeout=120,
+                         max_model_len=512, kv_cache_gib=1, seed=0, enable_sleep_mode=True)
     local = VLLMEngine(tiny_model_dir, max_model_len=512, kv_cache_gib=1)
     try:
-        round_trip(remote, local, model)
+        after = round_trip(remote, local, model)
+        assert max_lp_diff(after, local.generate(REQS)) < 1e-4
+        stats = remote.stats()
+        assert stats["transport"] == "gloo" and "enable_sleep_mode" in stats["ignored_settings"]  # CPU: no sleep mode
+        remote.sleep()
+        assert remote.generate(REQS) == after  # sleep/wake through the server change nothing
     finally:
         remote.close()
         local.close()
@@ -109,3 +130,89 @@ def test_launch_times_out_on_a_server_that_hangs_silently():
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------- gloo transport
+
+def max_lp_diff(a, b):
+    assert [o.completion_ids for o in a] == [o.completion_ids for o in b]
+    return max(float((torch.tensor(x.logprobs) - torch.tensor(y.logprobs)).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def gloo_remote(tiny_model_dir):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    r = RemoteEngine.launch(tiny_model_dir, engine="hf", weight_transport="gloo", transport_timeout=60, timeout=120,
+                            bucket_bytes=64 * 1024)  # several buckets even for the tiny model
+    yield r
+    r.close()
+
+
+def test_gloo_weights_equal_in_process_and_bad_updates_are_refused_first(gloo_remote, tiny_model_dir):
+    local = HFEngine(tiny_model_dir)
+    model = perturbed(tiny_model_dir)
+    after = round_trip(gloo_remote, local, model)
+    assert max_lp_diff(after, local.generate(REQS)) < 1e-4
+    stats = gloo_remote.stats()
+    assert stats["transport"] == "gloo" and stats["syncs"] == 1
+    # Refused on the metadata, before any tensor is broadcast: the group stays in step and the engine untouched.
+    with pytest.raises(ValueError, match="unknown weight name 'model.nrm.weight'"):
+        gloo_remote.update_weights([("model.norm.weight", torch.ones(128)), ("model.nrm.weight", torch.ones(128))])
+    with pytest.raises(ValueError, match=r"got \(3,\), the model has \(128,\)"):
+        gloo_remote.update_weights([("model.norm.weight", torch.ones(3))])
+    assert gloo_remote.stats()["syncs"] == 1
+    assert gloo_remote.generate(REQS) == after
+    # Only what changed travels once the server holds a full set; the result equals the in-process engine's.
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    for eng in (gloo_remote, local):
+        eng.update_weights(model.state_dict().items(), changed=["model.norm.weight"])
+    assert gloo_remote.stats()["last_sync_tensors"] == 1
+    assert max_lp_diff(gloo_remote.generate(REQS), local.generate(REQS)) < 1e-4
+    # make_engine("remote", url=...) connects to a running server (nothing launched, nothing to restart).
+    other = make_engine("remote", tiny_model_dir, url=gloo_remote.url, weight_transport="http")
+    assert other.generate(REQS) == gloo_remote.generate(REQS) and other._launch is None
+
+
+def kill(proc):
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_killed_server_is_restarted_with_the_last_weights(tiny_model_dir):
+    """kill -9 between two calls and in the middle of a generate: the next call succeeds with identical tokens."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    remote = RemoteEngine.launch(tiny_model_dir, engine="hf", weight_transport="gloo", transport_timeout=60,
+                                 timeout=300, keep_weights="copy")
+    local = HFEngine(tiny_model_dir)
+    try:
+        model = perturbed(tiny_model_dir)
+        remote.update_weights(model.state_dict().items())
+        local.update_weights(model.state_dict().items())
+        expected = local.generate(REQS)
+        assert remote.generate(REQS) == expected
+        with torch.no_grad():  # an optimizer step after the sync: the engine must keep the synced weights
+            model.model.norm.weight.mul_(2.0)
+        pid0 = remote.health()["pid"]
+        kill(remote._proc)
+        assert remote.generate(REQS) == expected
+        assert remote.restarts == 1 and remote.health()["pid"] != pid0
+
+        big = [Request([(5 * i + k) % 500 + 3 for k in range(6)], [i, 1000 + i, 2000 + i], SamplingSpec(max_tokens=48))
+               for i in range(24)]
+        want = local.generate(big)
+        proc = remote._proc
+
+        def kill_when_generating():
+            while remote._call("GET", "/stats")["generating"] == 0:
+                time.sleep(0.005)
+            kill(proc)
+
+        killer = threading.Thread(target=kill_when_generating)
+        killer.start()
+        got = remote.generate(big)
+        killer.join()
+        assert proc.poll() is not None and remote.restarts == 2
+        assert got == want
+    finally:
+        remote.close()

@@ -161,3 +161,151 @@ print("RESULT" + json.dumps({{"same": [o.completion_ids for o in a] == [o.comple
     assert r["same"]
     assert r["err0"] < 0.05 and r["err1"] < 1.0, r
     assert r["err1"] < 0.1 * r["stale"], r  # the update really moved the engine's weights
+
+
+def adapt(policy, seed=1):
+    """Give the LoRA B matrices random values (they start at zero), as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def test_lora_sync_of_changed_layers_only_is_exact(engine, tiny_model_dir):
+    """A LoRA on q and v: after one full sync, only q/k/v (k: the rest of vLLM's fused qkv layer) are reloaded; every
+    other layer keeps the weights it had, and the engine matches the policy as after a full sync."""
+    from rlswift.models.policy import engine_weights, load_policy
+
+    policy = load_policy(tiny_model_dir, lora_rank=4, lora_alpha=8, seed=3, lora_target_modules=["q_proj", "v_proj"])
+    changed = [n for n, _ in engine_weights(policy) if ".q_proj.weight" in n or ".v_proj.weight" in n]
+    reqs = [Request(LONG, [7], SPEC), Request(prompts(1)[0], [8, 9], SPEC)]
+    adapt(policy, seed=1)
+    # `changed` is relative to the previous update this engine got (other tests' models): a new policy syncs fully.
+    engine.update_weights(engine_weights(policy))
+    assert engine.stats()["last_sync_tensors"] == len(engine.validator.shapes) == 26
+    adapt(policy, seed=2)
+    engine.update_weights(engine_weights(policy), changed=changed)
+    assert engine.stats()["last_sync_tensors"] == 12  # 2 layers x q/k/v x weight/bias
+    partial = engine.generate(reqs)
+    assert max_err(policy, partial) < 1e-4
+    engine.update_weights(engine_weights(policy))  # everything, same values
+    assert engine.stats()["last_sync_tensors"] == 26
+    full = engine.generate(reqs)
+    assert [o.completion_ids for o in full] == [o.completion_ids for o in partial]
+    assert max(abs(a - b) for x, y in zip(full, partial) for a, b in zip(x.logprobs, y.logprobs)) < 1e-6
+
+
+def test_settings_are_validated_before_vllm_starts(tiny_model_dir):
+    bad = [({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be in"),
+           ({"max_num_seqs": 0}, "max_num_seqs must be a positive int"),
+           ({"max_num_batched_tokens": 2.5}, "max_num_batched_tokens must be a positive int"),
+           ({"sleep_level": 3}, "sleep_level must be 1"),
+           ({"sync_method": "fast"}, "sync_method must be one of"),
+           ({"enforce_eager": "yes"}, "enforce_eager must be"),
+           ({"kv_cache_gib": 0}, "kv_cache_gib must be a positive whole number"),
+           ({"max_num_batched_tokens": 256}, "prefill is never chunked.*raise max_num_batched_tokens"),
+           ({"sync_method": "load_weights"}, "fails on CPU")]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            VLLMEngine(tiny_model_dir, max_model_len=512, **kw)
+
+
+def test_gpu_settings_are_ignored_on_cpu_with_a_reason_and_sleep_is_a_no_op(engine, tiny_model_dir, ref):
+    """Scheduler limits apply; GPU-only settings are listed with why they were ignored; sleep/wake do nothing and the
+    tokens are those of an engine with default settings (a sample never depends on its batch)."""
+    engine.update_weights(ref.named_parameters())
+    reqs = [Request(p, [100 + i, 7], SPEC) for i, p in enumerate(prompts(6))]
+    want = engine.generate(reqs)
+    with pytest.warns(UserWarning, match="ignored"):
+        e = VLLMEngine(tiny_model_dir, max_model_len=512, max_num_seqs=3, max_num_batched_tokens=600,
+                       gpu_memory_utilization=0.3, enforce_eager=False, enable_sleep_mode=True)
+    try:
+        assert e.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 3
+        assert e.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens == 600
+        s = e.stats()
+        assert set(s["ignored_settings"]) == {"gpu_memory_utilization", "enforce_eager", "enable_sleep_mode"}
+        assert "no sleep mode on CPU" in s["ignored_settings"]["enable_sleep_mode"]
+        assert s["start_s"] > 0 and s["sync_method"] == "reload" and s["device"] == "cpu"
+        e.sleep()
+        assert e.stats()["asleep"] is False
+        got = e.generate(reqs)
+        e.wake_up()
+        assert [o.completion_ids for o in got] == [o.completion_ids for o in want]
+        s = e.stats()
+        assert s["generate_calls"] == 1 and s["generated_tokens"] == sum(len(o.completion_ids) for o in got) > 0
+    finally:
+        e.close()
+
+
+class FakeLLM:
+    """Records what VLLMEngine asks of vLLM (sleep mode only exists on CUDA; this checks the engine's side of it)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def apply_model(self, fn):
+        self.calls.append(("load",))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        self.calls.append(("generate", len(prompts)))
+        out = SimpleNamespace(token_ids=[5], logprobs=[{5: SimpleNamespace(logprob=-1.0)}], finish_reason="length",
+                              text="x")
+        return [SimpleNamespace(outputs=[out]) for _ in prompts]
+
+
+def fake_gpu_engine(tiny_model_dir, level):
+    from rollout.engine import EngineStats
+    from rollout.weights import SyncPlanner, WeightValidator
+
+    e = object.__new__(VLLMEngine)
+    e.llm, e.on_cpu, e.sync_method, e.enable_prefix_caching = FakeLLM(), False, "load_weights", True
+    e.sleep_enabled, e.sleep_level, e._asleep, e._weights_awake, e._weights_lost = True, level, False, True, False
+    e.validator = WeightValidator.from_model_dir(tiny_model_dir)
+    e.planner = SyncPlanner(e.validator)
+    e.max_model_len, e.vocab_size, e._stats, e.ignored_settings = 512, 512, EngineStats("vllm", "cuda:0"), {}
+    return e
+
+
+def test_sleep_mode_wakes_weights_for_a_sync_and_the_kv_cache_for_generate(tiny_model_dir, ref):
+    e = fake_gpu_engine(tiny_model_dir, level=1)
+    weights = list(ref.named_parameters())
+    e.update_weights(weights)
+    e.sleep()
+    e.sleep()  # twice: still one vLLM sleep
+    assert e.stats()["asleep"] is True
+    e.update_weights(weights, changed=["model.norm.weight"])  # weights back (as they were), KV cache still freed
+    e.generate([Request(prompts(1)[0], [1], SPEC)])
+    assert e.llm.calls == [("load",), ("reset_prefix_cache",), ("sleep", 1), ("wake_up", ["weights"]), ("load",),
+                           ("wake_up", ["kv_cache"]), ("generate", 1)]
+    e.sleep()
+    e.wake_up()
+    assert e.llm.calls[-2:] == [("sleep", 1), ("wake_up", None)] and not e.stats()["asleep"]
+
+
+def test_level2_sleep_needs_every_weight_before_generate(tiny_model_dir, ref):
+    e = fake_gpu_engine(tiny_model_dir, level=2)
+    weights = list(ref.named_parameters())
+    e.update_weights(weights)
+    e.sleep()
+    with pytest.raises(ValueError, match="slept at level 2"):
+        e.generate([Request(prompts(1)[0], [1], SPEC)])
+    with pytest.raises(ValueError, match="must carry every weight"):
+        e.update_weights(weights[:3])
+    with pytest.raises(ValueError, match="must carry every weight"):
+        e.plan_update([(n, tuple(p.shape)) for n, p in weights[:3]])
+    e.update_weights(weights, changed=["model.norm.weight"])  # `changed` is ignored: every weight is loaded
+    assert e.stats()["last_sync_tensors"] == 26
+    e.generate([Request(prompts(1)[0], [1], SPEC)])
+    assert e.llm.calls[-3:] == [("load",), ("wake_up", ["kv_cache"]), ("generate", 1)]
