@@ -207,6 +207,22 @@ def engine_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
             yield clean, done[id(p)]
 
 
+def changed_engine_names(model: torch.nn.Module) -> list[str] | None:
+    """Names of the engine weights (as `engine_weights` yields them) that training can change; None means all.
+
+    Full fine-tuning: None. LoRA: each adapted layer's merged weight (and bias) and the trained copies of
+    ``modules_to_save``; the frozen rest never changes, so an engine that already holds it needs only these.
+    """
+    if not is_peft_model(model):
+        return None
+    marker = f".modules_to_save.{model.active_adapter}."
+    names = []
+    for name, _ in model.get_base_model().named_parameters(remove_duplicate=False):
+        if ".base_layer." in name or marker in name:
+            names.append(_strip_modules_to_save(_strip_peft_name(name), model.active_adapter))
+    return names
+
+
 def _strip_modules_to_save(name: str, adapter: str) -> str:
     marker = f".modules_to_save.{adapter}."
     return name.replace(marker, ".")

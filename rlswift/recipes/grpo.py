@@ -44,6 +44,7 @@ from rlswift.models.device import (  # noqa: E402
     resolve_precision,
 )
 from rlswift.models.policy import (  # noqa: E402
+    changed_engine_names,
     engine_weights,
     load_policy,
     load_tokenizer,
@@ -240,11 +241,12 @@ def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: t
     """The rollout engine, started inside a snapshot of the run's RNG streams (vLLM seeds the global ones)."""
     if cfg.engine == "vllm":
         v = cfg.vllm
-        kwargs = {"seed": cfg.seed, "kv_cache_gib": v.kv_cache_gib}
-        if device.type == "cuda":  # CUDA-only settings; on CPU vLLM is always eager, with a fixed KV cache
-            kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager,
-                          enable_sleep_mode=v.enable_sleep_mode)
-            kwargs.update({k: getattr(v, k) for k in ("max_num_seqs", "max_num_batched_tokens") if getattr(v, k)})
+        kwargs = {"seed": cfg.seed, "max_num_seqs": v.max_num_seqs, "max_num_batched_tokens": v.max_num_batched_tokens,
+                  "enable_sleep_mode": v.enable_sleep_mode}
+        if device.type == "cuda":  # the memory and CUDA-graph settings of each platform (the engine says what it ignores)
+            kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager)
+        else:
+            kwargs.update(kv_cache_gib=v.kv_cache_gib)
     else:
         kwargs = {"device": str(device)}
     snapshot = rng.state_dict()
@@ -427,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     engine = start_engine(cfg, model_path, precision.engine_dtype, device, rng)
     engine_start = time.perf_counter() - t0
-    sleep_mode = cfg.engine == "vllm" and cfg.vllm.enable_sleep_mode and device.type == "cuda"
+    changed_names = changed_engine_names(model)  # LoRA: only the adapted layers change after the first sync
     spec = SamplingSpec(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_tokens=cfg.max_completion_length, stop_token_ids=(tokenizer.eos_token_id,))
     prompt_cache: dict[int, list[int]] = {}
@@ -470,9 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     def sync_engine() -> float:
         """Give the engine the current policy (also right after a resume); returns seconds."""
         t0 = time.perf_counter()
-        if sleep_mode:
-            engine.wake_up()
-        engine.update_weights(engine_weights(model))
+        engine.update_weights(engine_weights(model), changed=changed_names)  # wakes a sleeping engine's weights
         return time.perf_counter() - t0
 
     bar = progress_bar(cfg.progress_bar, cfg.max_steps, progress.step, "grpo")
@@ -489,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             if (step - 1) % cfg.num_iterations == 0:
                 timings["sync"] = sync_engine()
                 groups, dropped = collect_groups(step, timings)
-                if sleep_mode:
-                    engine.sleep()
+                engine.sleep()  # frees vLLM's KV cache while the policy trains (vllm.enable_sleep_mode; else a no-op)
                 progress.epoch = sampler.epoch
                 batch = assemble_batch(groups, pad_id, cfg.scale_rewards, dropped)
                 frozen_logprobs(model, reference, batch, cfg, device, precision)
