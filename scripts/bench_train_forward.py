@@ -144,7 +144,10 @@ def memory_child(vocab: int, hidden: int, rows: int, chunk: int, autocast: bool)
 def _measure(vocab: int, hidden: int, rows: int, chunk: int, autocast: bool) -> int:
     cmd = [sys.executable, __file__, "--threads", os.environ["OMP_NUM_THREADS"],
            "--_memory-child", f"{vocab},{hidden},{rows},{chunk},{int(autocast)}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+    # A fixed mmap threshold: glibc then maps every large tensor on its own and unmaps it when freed, so RSS follows
+    # the live tensor bytes (its default threshold grows after frees and keeps ~32 MB buffers in the heap).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_above_before"]
 
 

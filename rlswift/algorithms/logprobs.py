@@ -2,11 +2,12 @@
 
 All math is done in float32 whatever the model dtype (bf16 logsumexp loses ~1e-2 per token). Two ways to get there:
 - plain (``chunk_size=None``): the model's logits, one batch row at a time through the fp32 log-softmax. Autograd
-  keeps the fp32 ``[B, T, V]`` logits alive until backward.
+  keeps the fp32 ``[B, T, V]`` logits alive until backward, and the peak holds two of them (measured:
+  scripts/bench_train_forward.py --memory).
 - chunked (``chunk_size=n``): the decoder's last hidden states go through the LM head ``n`` positions at a time inside
   one autograd function that keeps no logits; backward recomputes each chunk's logits (as Liger's fused linear
-  cross-entropy does). Peak extra memory is a few ``[n, V]`` fp32 buffers instead of ``[B, T, V]``, for one extra
-  LM-head matmul in backward. Values equal the plain path's up to fp32 rounding.
+  cross-entropy does). Peak extra memory is a few ``[n, V]`` fp32 buffers plus the weight gradient instead of
+  ``2 x [B, T, V]``, for one extra LM-head matmul in backward. Values equal the plain path's up to fp32 rounding.
 ``completion_logprobs(..., shared_prompt=True)`` computes each distinct prompt once (see ``shared_prompt.py``).
 """
 
@@ -135,11 +136,9 @@ class _LinearHeadLogprobs(torch.autograd.Function):
             b = bias.to(ctx.compute) if bias is not None else None
             for s in range(0, m, chunk):
                 e = min(s + chunk, m)
-                go = grad_lp[s:e].float()
+                go = grad_lp[s:e].float() / temperature  # d/d(raw logits) carries the 1/T of the forward
                 g = _chunk_logits(hidden[s:e], w, b, temperature).sub_(lse[s:e, None]).exp_()  # softmax [c, V]
-                g.mul_(-go[:, None]).scatter_add_(1, targets[s:e, None], go[:, None])  # (onehot - p) * go
-                if temperature != 1.0:
-                    g.div_(temperature)
+                g.mul_(-go[:, None]).scatter_add_(1, targets[s:e, None], go[:, None])  # (onehot - p) * go / T
                 if need_b:
                     grad_b.add_(g.sum(0))
                 g = g.to(ctx.compute)
@@ -242,7 +241,7 @@ def hidden_states_fallback_reason(model: torch.nn.Module) -> str | None:
 
 
 def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(decoder, lm_head)`` of a transformers causal LM (peft-wrapped or not): ``logits = lm_head(decoder(...)[0])``."""
+    """``(decoder, lm_head)`` of a transformers causal LM, peft-wrapped or not: logits = lm_head(decoder(...)[0])."""
     reason = hidden_states_fallback_reason(model)
     if reason is not None:
         raise ValueError(f"causal_lm_parts: {reason}")

@@ -182,5 +182,4 @@ def shared_prompt_logprobs(
     if not all(layer.reads for layer in read.layers):
         warn_fallback("shared-prompt forward", "the model did not read the prompt cache")
         return completion_logprobs(model, input_ids, attention_mask, logits_to_keep, **plain)
-    out = lm_head_logprobs(hidden, head, input_ids[:, -logits_to_keep:], temperature, return_entropy, chunk_size)
-    return out
+    return lm_head_logprobs(hidden, head, input_ids[:, -logits_to_keep:], temperature, return_entropy, chunk_size)
