@@ -26,6 +26,9 @@ __all__ = [
     "chunked_linear_logprobs",
     "causal_lm_parts",
     "hidden_states_fallback_reason",
+    "unwrap_peft",
+    "check_completion_args",
+    "warn_fallback",
     "HIDDEN_STATE_MODEL_TYPES",
 ]
 
@@ -217,8 +220,9 @@ def _logprobs_from_logits(logits, targets, temperature, return_entropy):
     return logprobs
 
 
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    # peft's PeftModel wraps the transformers model; LoRA layers live inside it, so its modules are the adapted ones.
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (``model`` itself otherwise)."""
+    # LoRA layers are injected into the wrapped model's modules, so calling its decoder runs the adapted layers.
     return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
 
 
@@ -227,7 +231,7 @@ def hidden_states_fallback_reason(model: torch.nn.Module) -> str | None:
     peft_config = getattr(model, "peft_config", None)
     if isinstance(peft_config, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
         return "peft prompt learning adds virtual tokens in the wrapper's forward"
-    base = _base_model(model)
+    base = unwrap_peft(model)
     config = getattr(base, "config", None)
     if config is None or not hasattr(base, "get_decoder") or not hasattr(base, "get_output_embeddings"):
         return f"{type(base).__name__} is not a transformers causal LM"
@@ -245,7 +249,7 @@ def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.M
     reason = hidden_states_fallback_reason(model)
     if reason is not None:
         raise ValueError(f"causal_lm_parts: {reason}")
-    base = _base_model(model)
+    base = unwrap_peft(model)
     return base.get_decoder(), base.get_output_embeddings()
 
 

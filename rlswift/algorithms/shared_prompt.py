@@ -22,12 +22,12 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from rlswift.algorithms.logprobs import (
-    _base_model,
     causal_lm_parts,
     check_completion_args,
     completion_logprobs,
     hidden_states_fallback_reason,
     lm_head_logprobs,
+    unwrap_peft,
     warn_fallback,
 )
 
@@ -94,7 +94,7 @@ def shared_prompt_fallback_reason(model: torch.nn.Module) -> str | None:
     reason = hidden_states_fallback_reason(model)
     if reason is not None:
         return reason
-    base = _base_model(model)
+    base = unwrap_peft(model)
     config = base.config.get_text_config()
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     if any(t != "full_attention" for t in layer_types):
@@ -166,7 +166,7 @@ def shared_prompt_logprobs(
         return completion_logprobs(model, input_ids, attention_mask, logits_to_keep, **plain)
 
     decoder, head = causal_lm_parts(model)
-    num_layers = _base_model(model).config.get_text_config().num_hidden_layers
+    num_layers = unwrap_peft(model).config.get_text_config().num_hidden_layers
     positions = torch.arange(L - 1, device=input_ids.device).unsqueeze(0)  # what the plain forward uses (no cache)
     record = Cache(layers=[_RecordLayer() for _ in range(num_layers)])
     with _cache_through_checkpointing(decoder):
