@@ -30,6 +30,7 @@ from rlswift import config as cfglib  # noqa: E402
 from rlswift.algorithms.grpo import accumulation_scale, nanstd, policy_loss  # noqa: E402
 from rlswift.algorithms.grpo_batch import GenerationBatch, Group, assemble_batch  # noqa: E402
 from rlswift.algorithms.logprobs import completion_logprobs  # noqa: E402
+from rlswift.algorithms.shared_prompt import shared_prompt_fallback_reason  # noqa: E402
 from rlswift.checkpoint import CheckpointManager  # noqa: E402
 from rlswift.data.prompts import load_prompt_dataset, render_prompt  # noqa: E402
 from rlswift.errors import DataError, RlswiftError  # noqa: E402
@@ -124,6 +125,12 @@ class GRPOConfig:
     small updates round away). The engine samples in bf16 unless fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: much less training memory for ~30% more compute."""
+    shared_prompt: bool = True
+    """Compute each prompt once per group in the training forward (its KV shared by the G completions; exact
+    gradients). Falls back to the per-row forward, saying why, for models it does not support."""
+    logprob_chunk_size: int | None = None
+    """Positions per chunk of the LM head's log-softmax (logits recomputed in backward): memory for large
+    vocabularies (e.g. 512 on GPU); unset = whole batch at once."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings; lora.rank=0 is full fine-tuning."""
     dataset: str = "arithmetic"
@@ -210,6 +217,7 @@ RESUMABLE_KEYS = RUN_LENGTH_KEYS | {"vllm.kv_cache_gib", "vllm.gpu_memory_utiliz
 def migrate_config(saved: dict) -> dict:
     """A config saved by rlswift 0.1 in today's keys (dtype -> precision, kv_cache_gib -> vllm.kv_cache_gib)."""
     saved = migrate_precision(saved)
+    saved.setdefault("shared_prompt", False)  # 0.1 computed every row's prompt
     if "kv_cache_gib" in saved:
         saved = {**saved, "vllm": {**saved.get("vllm", {}), "kv_cache_gib": saved["kv_cache_gib"]}}
         del saved["kv_cache_gib"]
@@ -302,11 +310,12 @@ def generate_groups(engine, tokenizer, dataset, prompt_cache: dict[int, list[int
     return groups, t_rollout, t_reward
 
 
-def batch_logprobs(model, batch: GenerationBatch, rows: slice, temperature: float, device: torch.device,
+def batch_logprobs(model, batch: GenerationBatch, rows: slice, cfg: GRPOConfig, device: torch.device,
                    entropy: bool = False):
     """Per-token log-probs ([b, T] float32, on ``device``) of the completions in ``rows`` of the batch."""
     return completion_logprobs(model, batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device),
-                               batch.logits_to_keep, temperature=temperature, return_entropy=entropy)
+                               batch.logits_to_keep, temperature=cfg.temperature, return_entropy=entropy,
+                               shared_prompt=cfg.shared_prompt, chunk_size=cfg.logprob_chunk_size)
 
 
 @torch.no_grad()
@@ -316,13 +325,13 @@ def frozen_logprobs(model, reference, batch: GenerationBatch, cfg: GRPOConfig, d
     model.eval()
     with autocast(device, precision):
         if cfg.num_iterations > 1:  # the policy that sampled, frozen for the whole block
-            batch.old_logprobs = batch_logprobs(model, batch, rows, cfg.temperature, device).cpu()
+            batch.old_logprobs = batch_logprobs(model, batch, rows, cfg, device).cpu()
         if cfg.beta > 0:
             if reference is not None:
-                batch.ref_logprobs = batch_logprobs(reference, batch, rows, cfg.temperature, device).cpu()
+                batch.ref_logprobs = batch_logprobs(reference, batch, rows, cfg, device).cpu()
             else:
                 with reference_logprobs_context(model):
-                    batch.ref_logprobs = batch_logprobs(model, batch, rows, cfg.temperature, device).cpu()
+                    batch.ref_logprobs = batch_logprobs(model, batch, rows, cfg, device).cpu()
 
 
 def update_policy(model, params, optimizer, scheduler, batch: GenerationBatch, cfg: GRPOConfig, device,
@@ -338,7 +347,7 @@ def update_policy(model, params, optimizer, scheduler, batch: GenerationBatch, c
     for k in range(gas):
         rows = slice(k * mb, (k + 1) * mb)
         with autocast(device, precision):
-            logps, ent = batch_logprobs(model, batch, rows, cfg.temperature, device, entropy=True)
+            logps, ent = batch_logprobs(model, batch, rows, cfg, device, entropy=True)
         mask = batch.completion_mask[rows].to(device)
         old = batch.old_logprobs[rows].to(device) if batch.old_logprobs is not None else logps.detach()
         ref = batch.ref_logprobs[rows].to(device) if batch.ref_logprobs is not None else None
@@ -395,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     reference = make_reference(model) if cfg.beta > 0 and cfg.lora.rank == 0 else None
+    if cfg.shared_prompt and (why := shared_prompt_fallback_reason(model.train())):
+        print(f"rlswift grpo: shared_prompt falls back to the per-row forward: {why}", file=sys.stderr, flush=True)
     arithmetic = cfg.dataset == "arithmetic"
     dataset = load_prompt_dataset(cfg.dataset, num_rows=(cfg.num_prompts or ARITHMETIC_ROWS) if arithmetic else None,
                                   seed=cfg.seed)
