@@ -104,6 +104,8 @@ class VLLMSettings:
     """Tokens per vLLM scheduler step at most (vLLM's default when unset)."""
     enable_sleep_mode: bool = False
     """Free vLLM's KV cache while the policy trains and wake it for the next rollout (GPU only)."""
+    sync_method: Literal["auto", "load_weights", "reload"] = "auto"
+    """How new weights reach vLLM: in-place load_weights (GPU default) or the layerwise reload (CPU default)."""
 
 
 @dataclass
@@ -250,7 +252,7 @@ def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: t
     if cfg.engine == "vllm":
         v = cfg.vllm
         kwargs = {"seed": cfg.seed, "max_num_seqs": v.max_num_seqs, "max_num_batched_tokens": v.max_num_batched_tokens,
-                  "enable_sleep_mode": v.enable_sleep_mode}
+                  "enable_sleep_mode": v.enable_sleep_mode, "sync_method": v.sync_method}
         if device.type == "cuda":  # the memory and CUDA-graph settings of each platform (the engine says what it ignores)
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager)
         else:
