@@ -98,6 +98,32 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     target.config.use_cache = False
 
 
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool = True):
+    """Within the block, bit-reproducible training kernels across processes; the previous mode is restored after.
+
+    Measured on an H200 (docs/reproducibility.md): SDPA's flash and memory-efficient attention backward are
+    non-deterministic unless torch's deterministic algorithms are on in strict mode (warn_only=True keeps the
+    non-deterministic kernels), so two processes computed different gradients from the same batch. Strict mode is
+    turned on only around training: vLLM's sampling and compilation use ops that have no deterministic variant.
+    cuDNN attention is turned off too (its backward has no deterministic mode).
+    """
+    if not enabled:
+        yield
+        return
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled() if torch.cuda.is_available() else None
+    torch.use_deterministic_algorithms(True)
+    if cudnn_sdp is not None:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+        if cudnn_sdp is not None:
+            torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory window (per step) on CUDA; a no-op on CPU (RSS peaks are per process)."""
     if device.type == "cuda":

@@ -36,6 +36,7 @@ from rlswift.models import resolve_model  # noqa: E402
 from rlswift.models.device import (  # noqa: E402
     autocast,
     describe,
+    deterministic_kernels,
     enable_gradient_checkpointing,
     peak_memory,
     reset_peak_memory,
@@ -94,6 +95,9 @@ class DPOConfig:
     small updates round away)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: much less training memory for ~30% more compute."""
+    deterministic: bool = True
+    """Bit-reproducible training kernels (torch's deterministic algorithms, cuDNN attention off); needed for exact
+    resume on GPU (docs/reproducibility.md). false = faster, non-reproducible kernels."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings; lora.rank=0 is full fine-tuning (the reference is then a frozen copy)."""
     dataset: str = "arithmetic"
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = progress_bar(cfg.progress_bar, cfg.max_steps, progress.step, "dpo")
     stop = GracefulStop()
     last_save = 0.0
-    with stop:
+    with stop, deterministic_kernels(cfg.deterministic):  # no vLLM here: the whole loop
         while progress.step < cfg.max_steps:
             step = progress.step + 1
             t_step = time.perf_counter()

@@ -15,6 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) or 1))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # vLLM logs every weight reload at INFO/WARNING; keep the progress bar readable (override with VLLM_LOGGING_LEVEL).
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+# cuBLAS is deterministic across runs only with a fixed workspace; it must be set before CUDA starts.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -38,6 +40,7 @@ from rlswift.models import resolve_model  # noqa: E402
 from rlswift.models.device import (  # noqa: E402
     autocast,
     describe,
+    deterministic_kernels,
     enable_gradient_checkpointing,
     peak_memory,
     reset_peak_memory,
@@ -127,6 +130,10 @@ class GRPOConfig:
     small updates round away). The engine samples in bf16 unless fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: much less training memory for ~30% more compute."""
+    deterministic: bool = True
+    """Bit-reproducible training kernels (torch's deterministic algorithms during training, cuDNN attention off).
+    Needed for exact resume on GPU: without it two processes compute different gradients from the same batch
+    (docs/reproducibility.md). false = TRL's (faster, non-reproducible) kernels."""
     shared_prompt: bool = True
     """Compute each prompt once per group in the training forward (its KV shared by the G completions; exact
     gradients). Falls back to the per-row forward, saying why, for models it does not support."""
@@ -505,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                 engine.sleep()  # frees vLLM's KV cache while the policy trains (vllm.enable_sleep_mode; else a no-op)
                 progress.epoch = sampler.epoch
                 batch = assemble_batch(groups, pad_id, cfg.scale_rewards, dropped)
-                frozen_logprobs(model, reference, batch, cfg, device, precision)
+                with deterministic_kernels(cfg.deterministic):
+                    frozen_logprobs(model, reference, batch, cfg, device, precision)
                 gen_buffer.clear()
                 gen_buffer.add(batch.to_state())
                 log_trajectories(traj_log, step, groups, batch, tokenizer, cfg.reward_funcs)
@@ -514,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
 
             # ---- update ----
             t0 = time.perf_counter()
-            loss, stats, grad_norm = update_policy(model, params, optimizer, scheduler, batch, cfg, device, precision)
+            with deterministic_kernels(cfg.deterministic):
+                loss, stats, grad_norm = update_policy(model, params, optimizer, scheduler, batch, cfg, device,
+                                                       precision)
             t_train = time.perf_counter() - t0
 
             # ---- bookkeeping and log ----
