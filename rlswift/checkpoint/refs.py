@@ -32,7 +32,7 @@ def _follow(pointer_file: Path) -> Path:
 
 def resolve_checkpoint(ref: str | os.PathLike, run_dir: str | os.PathLike | None = None,
                        check: bool = True) -> Path:
-    """The checkpoint folder `ref` names.
+    """The checkpoint folder `ref` names (an absolute path).
 
     ref may be: a checkpoint folder (has manifest.json); a pointer file (`RUN/latest`, `RUN/best`); "latest" or
     "best" (a pointer of `run_dir`, default the current folder); a run folder (its `latest` pointer, or its
@@ -67,4 +67,4 @@ def resolve_checkpoint(ref: str | os.PathLike, run_dir: str | os.PathLike | None
         target = steps[-1][1]
     if check and (problems := verify(target)):
         raise CheckpointError(f"checkpoint {target} is unusable: " + "; ".join(problems))
-    return target
+    return target.absolute()
