@@ -56,22 +56,30 @@ def test_auto_skips_undecodable_newest(tmp_path, how, why):
 
 def test_resume_reads_each_file_once_and_save_reads_none(tmp_path, monkeypatch):
     reads: list[str] = []
-    real = tensorfile.read_hashed
+    real = reader._read_file
 
-    def counting(path, *a, **k):
-        reads.append(Path(path).name)
-        return real(path, *a, **k)
+    def counting(f, *a, **k):
+        reads.append(Path(f).name)
+        return real(f, *a, **k)
 
-    monkeypatch.setattr(reader, "read_hashed", counting)
-    monkeypatch.setattr(tensorfile, "read_hashed", counting)
+    def no_read(*a, **k):
+        raise AssertionError("a save read a file back")
+
+    monkeypatch.setattr(reader, "_read_file", counting)
+    monkeypatch.setattr(tensorfile, "read_hashed", no_read)
+    monkeypatch.setattr(tensorfile, "read_tensors", no_read)
     mgr = CheckpointManager(tmp_path)
     hooks = make_hooks(seed=0)
     out = mgr.save(4, hooks, config={"x": 1})
     assert reads == []  # checksums come from the bytes written, not from reading files back
+    monkeypatch.undo()
+    monkeypatch.setattr(reader, "_read_file", counting)
     files = orjson.loads((out / "manifest.json").read_bytes())["files"]
     path = mgr.resolve_resume("auto")
-    mgr.load(path, make_hooks(seed=1))
+    b = make_hooks(seed=1)
+    mgr.load(path, b)
     assert sorted(reads) == sorted(Path(rel).name for rel in files)  # each hook file exactly once
+    assert torch.equal(b["optim"].state_dict()["state"][0]["exp_avg"], hooks["optim"].state_dict()["state"][0]["exp_avg"])
 
 
 def test_read_checkpoint_tensors_are_exact_and_writable(tmp_path):
@@ -81,8 +89,22 @@ def test_read_checkpoint_tensors_are_exact_and_writable(tmp_path):
     got = read_checkpoint(out).states["s"]
     for k, t in state.items():
         assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
-    got["f"].add_(1)  # views of the read buffer are ordinary writable tensors
+    for k, t in got.items():  # each its own storage: consumers like torch.set_rng_state read it from offset 0
+        assert t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size(), k
+    got["f"].add_(1)
     assert torch.equal(got["f"], state["f"] + 1)
+
+
+def test_real_rng_hook_roundtrip(tmp_path):
+    from rlswift.state.rng import RNGState
+
+    torch.manual_seed(123)
+    mgr = CheckpointManager(tmp_path)
+    out = mgr.save(1, {"rng": RNGState()}, config={})
+    expected = torch.rand(3)
+    torch.manual_seed(999)
+    mgr.load(out, {"rng": RNGState()})
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_best_pointer_kept_by_retention(tmp_path):

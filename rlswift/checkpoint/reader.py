@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import torch
 
 from rlswift.checkpoint.codec import CodecError, decode
-from rlswift.checkpoint.tensorfile import Hasher, parse_tensors, read_hashed
+from rlswift.checkpoint.tensorfile import Hasher, read_hashed, read_tensors
 
 __all__ = ["CheckpointError", "FORMAT_VERSION", "MANIFEST", "LoadedCheckpoint", "read_manifest", "verify",
            "read_checkpoint", "load_hook_state", "sha256_file"]
@@ -105,10 +104,22 @@ def _check_manifest(p: Path) -> tuple[dict | None, list[str]]:
     return (None if problems else m), problems
 
 
-def _check_files(p: Path, m: dict, keep: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Hash every listed file once; with keep, also return each file's bytes (uint8 tensors) for decoding."""
+def _read_file(f: Path, size: int, hasher: Hasher | None, keep: bool) -> Any:
+    """One pass over a hook file: hashed always; with keep, also its content (bytes of a .json, the tensors of a
+    .safetensors, or the ValueError saying why it is not a valid safetensors file)."""
+    if keep and f.name.endswith(".safetensors"):
+        try:
+            return read_tensors(f, size, hasher)
+        except ValueError as e:
+            return e
+    buf = read_hashed(f, size, hasher, keep=keep)
+    return bytes(buf.numpy()) if buf is not None else None
+
+
+def _check_files(p: Path, m: dict, keep: bool) -> tuple[dict[str, Any], list[str]]:
+    """Hash every listed file once; with keep, also return each file's content for decoding (see _read_file)."""
     problems: list[str] = []
-    blobs: dict[str, torch.Tensor] = {}
+    blobs: dict[str, Any] = {}
     for rel, info in m["files"].items():
         f = p / rel
         if not f.is_file():
@@ -120,14 +131,14 @@ def _check_files(p: Path, m: dict, keep: bool) -> tuple[dict[str, torch.Tensor],
             continue
         h = Hasher()
         try:
-            buf = read_hashed(f, size, h, keep=keep)
+            content = _read_file(f, size, h, keep)
         except OSError as e:
             problems.append(f"{f}: unreadable ({e})")
             continue
         if h.hexdigest() != info["sha256"]:
             problems.append(f"{f}: sha256 does not match the manifest (corrupted or modified)")
-        elif buf is not None:
-            blobs[rel] = buf
+        elif keep:
+            blobs[rel] = content
     return blobs, problems
 
 
@@ -145,14 +156,16 @@ def verify(path: str | os.PathLike) -> list[str]:
 
 
 def _decode_hook(p: Path, name: str, rels: list[str], blob) -> Any:
-    """Decode one hook from its files' bytes; `blob(rel)` returns a file's bytes as a uint8 tensor."""
+    """Decode one hook from its files' contents; `blob(rel)` returns what `_read_file` read (keep=True)."""
     tree, tensors = None, {}
     for rel in rels:
         try:
             if rel.endswith(".json"):
-                tree = orjson.loads(memoryview(blob(rel).numpy()))
+                tree = orjson.loads(blob(rel))
             elif rel.endswith(".safetensors"):
-                tensors = parse_tensors(blob(rel), str(p / rel))
+                tensors = blob(rel)
+                if isinstance(tensors, Exception):
+                    raise tensors
             else:
                 raise CheckpointError(f"{p / rel}: unsupported hook file type (rlswift never unpickles; "
                                       "only .json and .safetensors hook files are read)")
@@ -194,8 +207,8 @@ def load_hook_state(path: str | os.PathLike, name: str, manifest: dict) -> Any:
         if os.path.isabs(rel) or ".." in Path(rel).parts:
             raise CheckpointError(f"{p}: hook {name!r} file {rel!r} points outside the checkpoint")
 
-    def blob(rel: str) -> torch.Tensor:
+    def blob(rel: str) -> Any:
         f = p / rel
-        return read_hashed(f, f.stat().st_size, None)
+        return _read_file(f, f.stat().st_size, None, keep=True)
 
     return _decode_hook(p, name, rels, blob)

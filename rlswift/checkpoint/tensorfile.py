@@ -1,13 +1,13 @@
-"""safetensors files written while hashing, and read back without copies: one pass over the bytes each way.
+"""safetensors files written while hashing, and read back straight into tensors: one pass over the bytes each way.
 
 The format is safetensors' own (8-byte little-endian header length, a JSON header, then the tensors' bytes back to
 back), so `safetensors.torch.load_file` reads what we write and we read what it writes. What this module adds:
 
 - `write_tensors(f, tensors, hasher)` streams each tensor's memory straight to the file and into the sha256 (no
   serialized copy of the whole file in memory, no read-back hashing afterwards);
-- `parse_tensors(buf)` turns a file's bytes (already read and hashed once) into tensors that are views of those
-  bytes, after checking the header as strictly as safetensors does: a hostile file can fail to parse, never run
-  code or read outside its buffer.
+- `read_tensors(path, size, hasher)` reads a file once, each tensor's bytes straight into a tensor of its own
+  while hashing them, after checking the header as strictly as safetensors does: a hostile file can fail to
+  parse, never run code, allocate more than its own size or read outside its data.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 import torch
 
 __all__ = ["DTYPES", "CHUNK", "Hasher", "write_all", "write_tensors", "start_writeback", "read_hashed",
-           "parse_tensors"]
+           "read_tensors"]
 
 if sys.byteorder != "little":  # safetensors is little-endian; raw tensor memory is written as is
     raise ImportError("rlswift checkpoints need a little-endian machine")
@@ -200,19 +200,26 @@ def read_hashed(path: str | os.PathLike, size: int, hasher: Hasher | None,
     return buf if keep else None
 
 
-def parse_tensors(buf: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file held in `buf` (uint8), as views of it; ValueError naming the problem."""
-    total = buf.numel()
-    if total < 8:
-        raise ValueError(f"{where}: {total} bytes is too short for a safetensors file")
-    raw = bytes(buf[:8].numpy())
-    n = int.from_bytes(raw, "little")
-    if n > _MAX_HEADER or 8 + n > total:
-        raise ValueError(f"{where}: header length {n} is invalid for a {total}-byte file")
-    header = orjson.loads(bytes(buf[8:8 + n].numpy()))
+def _read_exact(f, view, hasher: Hasher | None) -> None:
+    """Fill `view` from `f` in chunks, feeding each chunk to `hasher`; OSError if the file ends first."""
+    off = 0
+    while off < len(view):
+        chunk = view[off:off + CHUNK]
+        got = 0
+        while got < len(chunk):
+            r = f.readinto(chunk[got:])
+            if not r:
+                raise OSError(f"{f.name}: file ended early")
+            got += r
+        if hasher is not None:
+            hasher.update(chunk)
+        off += len(chunk)
+
+
+def _entries(header: Any, data_size: int) -> list[tuple[str, torch.dtype, list[int], int]]:
+    """(name, dtype, shape, nbytes) in file order, after checking the header as strictly as safetensors does."""
     if not isinstance(header, dict):
-        raise ValueError(f"{where}: header is not a JSON object")
-    data = buf[8 + n:]
+        raise ValueError(f"header is not a JSON object")
     entries = []
     for name, e in header.items():
         if name == "__metadata__":
@@ -221,24 +228,54 @@ def parse_tensors(buf: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
                 and all(type(d) is int and d >= 0 for d in e["shape"])
                 and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
                 and all(type(o) is int for o in e["data_offsets"])):
-            raise ValueError(f"{where}: bad header entry for tensor {name!r}: {str(e)[:200]}")
+            raise ValueError(f"bad header entry for tensor {name!r}: {str(e)[:200]}")
         entries.append((e["data_offsets"][0], e["data_offsets"][1], name, DTYPES[e["dtype"]], e["shape"]))
     entries.sort(key=lambda x: (x[0], x[1]))
-    out: dict[str, torch.Tensor] = {}
-    pos = 0
+    out, pos = [], 0
     for begin, end, name, dtype, shape in entries:
         nbytes = math.prod(shape) * dtype.itemsize
         if begin != pos or end - begin != nbytes:
-            raise ValueError(f"{where}: tensor {name!r} has offsets [{begin}, {end}], expected [{pos}, "
+            raise ValueError(f"tensor {name!r} has offsets [{begin}, {end}], expected [{pos}, "
                              f"{pos + nbytes}] (overlapping, gapped or wrongly sized data)")
         pos = end
-        if nbytes == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
-            continue
-        piece = data[begin:end]
-        if (8 + n + begin) % dtype.itemsize:  # not aligned (a foreign writer): copy instead of viewing
-            piece = piece.clone()
-        out[name] = piece.view(dtype).reshape(shape)
-    if pos != data.numel():
-        raise ValueError(f"{where}: {data.numel() - pos} bytes after the last tensor")
+        out.append((name, dtype, shape, nbytes))
+    if pos != data_size:
+        raise ValueError(f"the tensors cover {pos} bytes but the file holds {data_size} after the header")
+    return out
+
+
+def read_tensors(path: str | os.PathLike, size: int, hasher: Hasher | None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file of `size` bytes once: its header, then each tensor's bytes straight into a new
+    tensor of its own (no intermediate buffer, no copy), feeding every byte to `hasher` in file order.
+
+    ValueError naming the problem when the file is not a valid safetensors file; the rest of the file is still
+    hashed first, so the caller can tell a corrupted file (checksum) from a malformed one.
+    """
+    with open(path, "rb", buffering=0) as f:
+        try:
+            if size < 8:
+                raise ValueError(f"{size} bytes is too short for a safetensors file")
+            head8 = bytearray(8)
+            _read_exact(f, memoryview(head8), hasher)
+            n = int.from_bytes(head8, "little")
+            if n > _MAX_HEADER or 8 + n > size:
+                raise ValueError(f"header length {n} is invalid for a {size}-byte safetensors file")
+            head = bytearray(n)
+            _read_exact(f, memoryview(head), hasher)
+            entries = _entries(orjson.loads(head), size - 8 - n)
+        except (ValueError, orjson.JSONDecodeError) as e:
+            if hasher is not None:  # hash what is left, for the caller's checksum comparison
+                scratch = memoryview(bytearray(CHUNK))
+                while got := f.readinto(scratch):
+                    hasher.update(bytes(scratch[:got]))
+                hasher.drain()
+            raise ValueError(str(e)) from e
+        out: dict[str, torch.Tensor] = {}
+        for name, dtype, shape, nbytes in entries:
+            t = torch.empty(shape, dtype=dtype)
+            if nbytes:
+                _read_exact(f, _tensor_bytes(t), hasher)
+            out[name] = t
+    if hasher is not None:
+        hasher.drain()
     return out
