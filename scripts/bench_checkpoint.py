@@ -32,19 +32,27 @@ REPO = _bench.REPO
 GB = 1e9
 
 
-def build_state():
-    """SmolLM2-135M (fp32) + AdamW after one step on 16 tokens, as the recipes register them."""
+def build_state(model_hook: str = "clone"):
+    """SmolLM2-135M (fp32) + AdamW after one step on 16 tokens, as the recipes register them.
+
+    model_hook "clone": the recipes' ModelHook (policy_state_dict clones every parameter); "view": the parameters
+    themselves (detached, no copy): enough now that a sync save writes before returning and an async save copies.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     from rlswift.models import policy_state_dict, load_policy_state, smollm2_path
     from rlswift.state.rng import RNGState
 
+    from rlswift.models.policy import policy_state_dict_names
+
     class PolicyHook:  # what recipes/_common.ModelHook does (full fine-tuning: cloned parameters)
         def __init__(self, model):
             self.model = model
 
         def state_dict(self):
+            if model_hook == "view":
+                return {n: p.detach() for n, p in policy_state_dict_names(self.model).items()}
             return policy_state_dict(self.model)
 
         def load_state_dict(self, sd):
@@ -116,7 +124,7 @@ def fmt(xs: list[float]) -> str:
     return ", ".join(f"{x:.2f}" for x in xs)
 
 
-def bench_save_load(folder: Path, reps: int) -> dict:
+def bench_save_load(folder: Path, reps: int, model_hook: str) -> dict:
     import hashlib
 
     import torch
@@ -124,7 +132,7 @@ def bench_save_load(folder: Path, reps: int) -> dict:
     from rlswift.checkpoint import CheckpointManager, read_checkpoint
     from rlswift.checkpoint.writer import encode_hooks
 
-    hooks, train_step = build_state()
+    hooks, train_step = build_state(model_hook)
     sync_root, async_root = folder / "sync", folder / "async"
     async_mgr = CheckpointManager(async_root, async_save=True)
     raw, raw_wb, sync, stall, bg_write = [], [], [], [], []
@@ -191,7 +199,7 @@ def bench_save_load(folder: Path, reps: int) -> dict:
         raw_read.append(raw_read_cold(files))
     shutil.rmtree(folder / "async", ignore_errors=True)
     shutil.rmtree(folder / "sync", ignore_errors=True)
-    return {"bytes": nbytes, "raw_write_s": raw, "raw_write_early_writeback_s": raw_wb, "sync_save_s": sync,
+    return {"model_hook": model_hook, "bytes": nbytes, "raw_write_s": raw, "raw_write_early_writeback_s": raw_wb, "sync_save_s": sync,
             "async_stall_s": stall, "async_write_s": bg_write, "encode_s": t_encode, "sha256_s": t_hash,
             "step_alone_s": step_alone, "step_during_async_write_s": step_during,
             "load_warm_s": warm, "load_cold_s": cold, "raw_read_cold_s": raw_read}
@@ -257,7 +265,8 @@ def report(s: dict | None, r: dict | None) -> None:
     if s:
         n = s["bytes"]
         raw, sync, stall = med(s["raw_write_s"]), med(s["sync_save_s"]), med(s["async_stall_s"])
-        print(f"state: SmolLM2-135M full FT + AdamW, {n / GB:.3f} GB ({_bench.human(n)}) per checkpoint")
+        print(f"state: SmolLM2-135M full FT + AdamW, {n / GB:.3f} GB ({_bench.human(n)}) per checkpoint; model "
+              f"hook: {s['model_hook']}")
         print(f"raw disk write+fsync     {raw:6.2f} s  {n / GB / raw:5.2f} GB/s   [{fmt(s['raw_write_s'])}]")
         rw = med(s["raw_write_early_writeback_s"])
         print(f"  (with early writeback  {rw:6.2f} s  {n / GB / rw:5.2f} GB/s)")
@@ -291,6 +300,8 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="folder on the disk to measure (default: the temp folder; put it on "
                                                 "the disk your runs write to)")
     ap.add_argument("--threads", type=int, default=None, help=_bench.THREADS_HELP)
+    ap.add_argument("--model-hook", choices=["clone", "view"], default="clone",
+                    help="clone: the recipes' model hook (clones the weights in state_dict); view: no clone")
     ap.add_argument("--skip-save", action="store_true", help="skip the SmolLM2 save/load part")
     ap.add_argument("--skip-resume", action="store_true", help="skip the DPO resume timing")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
@@ -301,7 +312,7 @@ def main() -> int:
         s = r = None
         if not a.skip_save:
             print(f"save/load in {folder}", flush=True)
-            s = bench_save_load(folder, a.reps)
+            s = bench_save_load(folder, a.reps, a.model_hook)
         if not a.skip_resume:
             print("resume timing (DPO, tiny model)", flush=True)
             r = bench_resume(folder, a.reps)

@@ -171,3 +171,16 @@ def test_sigkill_mid_upload_leaves_previous_remote(tmp_path, s3, bucket):
 def test_bad_mirror_url_is_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="mirror_to='nosuchproto://x/y'"):
         CheckpointManager(tmp_path, mirror_to="nosuchproto://x/y")
+
+
+def test_unreachable_mirror(tmp_path):
+    dead = {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s",
+            "client_kwargs": {"region_name": "eu-west-1"}, "config_kwargs": {"retries": {"max_attempts": 1},
+                                                                               "connect_timeout": 2}}
+    root = tmp_path / "run"
+    mgr = CheckpointManager(root, mirror_to="s3://nobucket/run", mirror_options=dead)
+    with pytest.raises(CheckpointError, match="cannot list the mirror s3://nobucket/run: .*remove mirror_to"):
+        mgr.resolve_resume("auto")  # nothing local: starting over could silently drop the mirrored run
+    CheckpointManager(root).save(1, make_hooks(1), config={})
+    with pytest.warns(UserWarning, match="using the local checkpoints only"):
+        assert mgr.resolve_resume("auto") == root / "checkpoint-1"

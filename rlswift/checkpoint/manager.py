@@ -227,6 +227,7 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
+            self._stager = Stager()  # the async staging buffers (a copy of the state) can go
             if self.mirror is not None:
                 self.mirror.close()
 
@@ -362,7 +363,15 @@ class CheckpointManager:
 
     def _auto(self) -> LoadedCheckpoint | None:
         local = {s: d for s, d in self.checkpoints()}
-        remote = self.mirror.remote_steps() if self.mirror is not None else {}
+        remote: dict[int, str] = {}
+        if self.mirror is not None:
+            try:
+                remote = self.mirror.remote_steps()
+            except Exception as e:  # noqa: BLE001 - network/credentials: decide below, in one line
+                why = f"cannot list the mirror {self.mirror.url}: {type(e).__name__}: {e}"
+                if not local:  # starting from scratch would silently drop a run that may live on the mirror
+                    raise CheckpointError(why + "; fix its access, or remove mirror_to to start without it") from e
+                warnings.warn(f"resume='auto': {why}; using the local checkpoints only", stacklevel=3)
         for step in sorted(set(local) | set(remote), reverse=True):
             if step in local:
                 try:

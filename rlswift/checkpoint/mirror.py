@@ -27,6 +27,7 @@ import orjson
 
 from rlswift.checkpoint.reader import MANIFEST, CheckpointError
 from rlswift.checkpoint.retention import best_checkpoint, select_deletions
+from rlswift.checkpoint.writer import fsync_path
 
 __all__ = ["Mirror"]
 
@@ -203,7 +204,12 @@ class Mirror:
                                           "checkpoint")
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(self._r(name, rel), str(dest / rel))
+                fsync_path(dest / rel)
+            for d in {(dest / rel).parent for rel in files}:
+                fsync_path(d)
             (dest / MANIFEST).write_bytes(manifest_bytes)
+            fsync_path(dest / MANIFEST)
+            fsync_path(dest)
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - network/remote errors: one line naming the checkpoint
