@@ -125,8 +125,8 @@ def test_manifest_listing_unknown_or_outside_files(saved):
 
 def test_newer_format_version(saved):
     mgr, ckpt = saved
-    set_manifest(ckpt, lambda m: m.update(format_version=2))
-    assert_refused(mgr, ckpt, r"written by a newer rlswift \(format 2 > 1\); upgrade rlswift")
+    set_manifest(ckpt, lambda m: m.update(format_version=3))
+    assert_refused(mgr, ckpt, r"written by a newer rlswift \(format 3 > 2\); upgrade rlswift")
 
 
 def test_missing_folder_and_missing_manifest(saved, tmp_path):

@@ -62,7 +62,7 @@ def test_save_layout_manifest_and_latest(tmp_path):
     assert mgr.latest_pointer() == out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
     m = read_manifest(out)
-    assert m["format_version"] == FORMAT_VERSION == 1 and m["step"] == 5
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["step"] == 5
     assert m["world_size"] == 1 and m["rank"] == 0
     assert m["config"] == {"lr": 0.01, "model": "tiny"} and m["metrics"] == {"reward": 0.5}
     assert set(m["versions"]) == {"rlswift", "torch", "transformers", "vllm", "python"}

@@ -165,3 +165,41 @@ def test_load_wraps_hook_refusals(tmp_path):
     with pytest.raises(CheckpointError, match=r"hook 'a' refused its saved state: ValueError: shape \(3,\)") as e:
         mgr.load(out, {"a": Picky()})
     assert "\n" not in str(e.value) and isinstance(e.value.__cause__, ValueError)
+
+
+def test_big_hooks_are_sharded_and_read_back(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.setattr(tensorfile, "SHARD", 64)  # bytes: every tensor of 16 floats gets a file of its own
+    state = {f"t{i}": torch.full((16,), float(i)) for i in range(5)} | {"small": torch.ones(2)}
+    out = CheckpointManager(tmp_path).save(1, {"big": Box(state), "x": Box({"s": torch.zeros(1)})}, config={})
+    rels = orjson.loads((out / "manifest.json").read_bytes())["hooks"]["big"]
+    assert rels[:2] == ["hooks/big.json", "hooks/big.safetensors"]
+    assert rels[2:] == [f"hooks/big@{k}.safetensors" for k in range(1, len(rels) - 1)] and len(rels) == 7
+    parts = [safetensors.torch.load_file(out / r) for r in rels[1:]]  # each shard is a plain safetensors file
+    assert sum(len(p) for p in parts) == 6
+    got = read_checkpoint(out).states["big"]
+    assert list(got) == list(state) and all(torch.equal(got[k], v) for k, v in state.items())
+
+
+def test_reads_format_1_checkpoints(tmp_path):
+    """A checkpoint as rlswift 0.1 wrote it (format 1, safetensors' own writer) still loads."""
+    import safetensors.torch
+
+    from rlswift.checkpoint.codec import encode
+
+    state = {"w": torch.arange(4.0), "step": 3, "t": (1, 2)}
+    tree, tensors = encode(state, hook="a")
+    ck = tmp_path / "checkpoint-3"
+    (ck / "hooks").mkdir(parents=True)
+    (ck / "hooks" / "a.json").write_bytes(orjson.dumps(tree))
+    safetensors.torch.save_file(tensors, str(ck / "hooks" / "a.safetensors"))
+    files = {rel: {"sha256": hashlib.sha256((ck / rel).read_bytes()).hexdigest(), "size": (ck / rel).stat().st_size}
+             for rel in ("hooks/a.json", "hooks/a.safetensors")}
+    (ck / "manifest.json").write_bytes(orjson.dumps({
+        "format_version": 1, "step": 3, "config": {}, "metrics": {}, "files": files,
+        "hooks": {"a": ["hooks/a.json", "hooks/a.safetensors"]}}))
+    b = Box()
+    mgr = CheckpointManager(tmp_path)
+    mgr.load(mgr.resolve_resume("auto"), {"a": b})
+    assert b.state["step"] == 3 and b.state["t"] == (1, 2) and torch.equal(b.state["w"], torch.arange(4.0))

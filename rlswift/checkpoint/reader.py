@@ -10,6 +10,7 @@ checkpoint cannot run code.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,14 @@ from typing import Any
 import orjson
 
 from rlswift.checkpoint.codec import CodecError, decode
-from rlswift.checkpoint.tensorfile import Hasher, read_hashed, read_tensors
+from rlswift.checkpoint.tensorfile import WORKERS, Hasher, read_hashed, read_tensors
 
 __all__ = ["CheckpointError", "FORMAT_VERSION", "MANIFEST", "LoadedCheckpoint", "read_manifest", "verify",
            "read_checkpoint", "load_hook_state", "sha256_file"]
 
-FORMAT_VERSION = 1
+# 1: one hooks/{stem}.safetensors per hook. 2: a hook's tensors may be split over several files
+# (hooks/{stem}.safetensors, hooks/{stem}@1.safetensors, ...). Both are read; older readers refuse 2 by name.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -116,29 +119,31 @@ def _read_file(f: Path, size: int, hasher: Hasher | None, keep: bool) -> Any:
     return bytes(buf.numpy()) if buf is not None else None
 
 
+def _check_file(p: Path, rel: str, info: dict, keep: bool) -> tuple[Any, str | None]:
+    f = p / rel
+    if not f.is_file():
+        return None, f"{f}: missing (listed in the manifest)"
+    size = f.stat().st_size
+    if size != info["size"]:
+        return None, f"{f}: size {size} != {info['size']} recorded in the manifest (truncated or modified)"
+    h = Hasher()
+    try:
+        content = _read_file(f, size, h, keep)
+    except OSError as e:
+        return None, f"{f}: unreadable ({e})"
+    if h.hexdigest() != info["sha256"]:
+        return None, f"{f}: sha256 does not match the manifest (corrupted or modified)"
+    return content, None
+
+
 def _check_files(p: Path, m: dict, keep: bool) -> tuple[dict[str, Any], list[str]]:
-    """Hash every listed file once; with keep, also return each file's content for decoding (see _read_file)."""
-    problems: list[str] = []
-    blobs: dict[str, Any] = {}
-    for rel, info in m["files"].items():
-        f = p / rel
-        if not f.is_file():
-            problems.append(f"{f}: missing (listed in the manifest)")
-            continue
-        size = f.stat().st_size
-        if size != info["size"]:
-            problems.append(f"{f}: size {size} != {info['size']} recorded in the manifest (truncated or modified)")
-            continue
-        h = Hasher()
-        try:
-            content = _read_file(f, size, h, keep)
-        except OSError as e:
-            problems.append(f"{f}: unreadable ({e})")
-            continue
-        if h.hexdigest() != info["sha256"]:
-            problems.append(f"{f}: sha256 does not match the manifest (corrupted or modified)")
-        elif keep:
-            blobs[rel] = content
+    """Hash every listed file once (WORKERS files at a time: hashing is slower than the disk); with keep, also
+    return each file's content for decoding (see _read_file)."""
+    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rlswift-read") as pool:
+        results = {rel: pool.submit(_check_file, p, rel, info, keep) for rel, info in m["files"].items()}
+        results = {rel: f.result() for rel, f in results.items()}
+    problems = [why for _content, why in results.values() if why]
+    blobs = {rel: content for rel, (content, why) in results.items() if keep and not why}
     return blobs, problems
 
 
@@ -162,10 +167,13 @@ def _decode_hook(p: Path, name: str, rels: list[str], blob) -> Any:
         try:
             if rel.endswith(".json"):
                 tree = orjson.loads(blob(rel))
-            elif rel.endswith(".safetensors"):
-                tensors = blob(rel)
-                if isinstance(tensors, Exception):
-                    raise tensors
+            elif rel.endswith(".safetensors"):  # one file, or several shards of one hook
+                part = blob(rel)
+                if isinstance(part, Exception):
+                    raise part
+                if dup := sorted(set(part) & set(tensors)):
+                    raise ValueError(f"tensor {dup[0]!r} is also in another file of hook {name!r}")
+                tensors.update(part)
             else:
                 raise CheckpointError(f"{p / rel}: unsupported hook file type (rlswift never unpickles; "
                                       "only .json and .safetensors hook files are read)")

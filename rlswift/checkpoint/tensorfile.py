@@ -17,14 +17,13 @@ import math
 import os
 import sys
 import threading
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import orjson
 import torch
 
-__all__ = ["DTYPES", "CHUNK", "Hasher", "write_all", "write_tensors", "start_writeback", "read_hashed",
+__all__ = ["DTYPES", "CHUNK", "Hasher", "write_all", "shards", "write_tensors", "start_writeback", "read_hashed",
            "read_tensors"]
 
 if sys.byteorder != "little":  # safetensors is little-endian; raw tensor memory is written as is
@@ -44,43 +43,47 @@ for _st, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         DTYPES[_st] = getattr(torch, _name)
 _NAMES = {v: k for k, v in DTYPES.items()}
 
+# Files are written and verified by WORKERS threads at once, each hashing its own file: sha256 (~1.5 GB/s per core
+# with SHA-NI here) is slower than this disk with early writeback (~1.5 GB/s), so one core hashing alone would set
+# the pace. hashlib and file I/O release the GIL on large buffers.
+WORKERS = max(2, min(8, os.cpu_count() or 2))
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
 def _hash_pool() -> ThreadPoolExecutor:
-    # One worker: hash updates of one file stay in order; hashlib releases the GIL on big buffers, so hashing
-    # runs beside the write()/readinto() of the next chunk (2 cores: ~1.5 GB/s sha256 overlaps the disk).
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlswift-sha256")
+            _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rlswift-sha256")
         return _pool
 
 
 class Hasher:
-    """sha256 of a byte stream fed in order, computed on a helper thread while the caller does I/O.
+    """sha256 of a byte stream fed in order; each chunk is hashed on a helper thread while the caller does the
+    I/O of the next one (one chunk in flight per Hasher, so updates stay in order with a shared pool).
 
-    The caller must not change a buffer passed to `update` until `drain` says it was hashed.
+    The caller must not change a buffer passed to `update` until the next `update` or `drain` returns.
     """
 
     def __init__(self) -> None:
         self._h = hashlib.sha256()
-        self._pending: deque[Future] = deque()
+        self._pending: Future | None = None
         self.size = 0
 
     def update(self, data) -> None:
+        self.drain()
         self.size += len(data)
-        if len(data) < (1 << 16):  # small: cheaper inline (after the queued ones, to keep the order)
-            self.drain()
+        if len(data) < (1 << 16):  # small: cheaper inline
             self._h.update(data)
         else:
-            self._pending.append(_hash_pool().submit(self._h.update, data))
+            self._pending = _hash_pool().submit(self._h.update, data)
 
-    def drain(self, leave: int = 0) -> None:
-        """Wait until at most `leave` queued updates are still being hashed."""
-        while len(self._pending) > leave:
-            self._pending.popleft().result()
+    def drain(self) -> None:
+        """Wait until every chunk passed so far is hashed."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def hexdigest(self) -> str:
         self.drain()
@@ -117,6 +120,25 @@ def header_for(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
     head = orjson.dumps(entries)
     head += b" " * (-len(head) % 8)
     return len(head).to_bytes(8, "little") + head, order
+
+
+SHARD = 256 << 20  # a hook's tensors are split into files of about this size, so WORKERS can write them at once
+
+
+def shards(tensors: dict[str, torch.Tensor], limit: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Split `tensors` into groups of at most `limit` (default SHARD) bytes each (a larger tensor gets a group of
+    its own), in insertion order; an empty dict gives one empty group."""
+    limit = SHARD if limit is None else limit
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if groups[-1] and size + n > limit:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += n
+    return groups
 
 
 def write_tensors(f: BinaryIO, tensors: dict[str, torch.Tensor], hasher: Hasher) -> int:
@@ -182,9 +204,7 @@ def read_hashed(path: str | os.PathLike, size: int, hasher: Hasher | None,
             n = min(CHUNK, size - off)
             if keep:
                 view = mv[off:off + n]
-            else:
-                if hasher is not None:
-                    hasher.drain(leave=1)  # the chunk read two steps ago (same half) is hashed
+            else:  # the other half's chunk (two reads ago) is hashed: update() drains before queueing
                 view = mv[(i % 2) * CHUNK:(i % 2) * CHUNK + n]
             got = 0
             while got < n:
@@ -267,7 +287,7 @@ def read_tensors(path: str | os.PathLike, size: int, hasher: Hasher | None) -> d
             if hasher is not None:  # hash what is left, for the caller's checksum comparison
                 scratch = memoryview(bytearray(CHUNK))
                 while got := f.readinto(scratch):
-                    hasher.update(bytes(scratch[:got]))
+                    hasher.update(bytes(scratch[:got]))  # a copy: the scratch buffer is reused
                 hasher.drain()
             raise ValueError(str(e)) from e
         out: dict[str, torch.Tensor] = {}

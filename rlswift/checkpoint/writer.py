@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -30,7 +31,7 @@ import torch
 
 from rlswift.checkpoint.codec import CodecError, encode
 from rlswift.checkpoint.reader import FORMAT_VERSION, MANIFEST, CheckpointError
-from rlswift.checkpoint.tensorfile import Hasher, write_all, write_tensors
+from rlswift.checkpoint.tensorfile import WORKERS, Hasher, shards, write_all, write_tensors
 
 __all__ = ["EncodedHook", "Stager", "encode_hooks", "write_tmp", "commit", "write_pointer", "read_pointer",
            "fsync_path", "is_disk_full", "hook_file_stem", "plain_json"]
@@ -170,30 +171,38 @@ def write_tmp(tmp: Path, step: int, encoded: Iterable[EncodedHook], n_hooks: int
               metrics: Any) -> None:
     """Steps 1-2 of the protocol: every hook's files, then the manifest, all fsynced, into the folder `tmp`.
 
-    `RLSWIFT_FAULT=kill-in-save@{step}` (test hook) SIGKILLs the process after half the hooks are written.
+    A hook's tensors go to `hooks/{stem}.safetensors` and, beyond SHARD bytes, `hooks/{stem}@1.safetensors`, ...
+    ('@' never occurs in a stem, so names cannot collide); files are written by WORKERS threads at once.
+    `RLSWIFT_FAULT=kill-in-save@{step}` (test hook) SIGKILLs the process once half the hooks are written.
     """
     global _VERSIONS
     hooks_dir = tmp / "hooks"
     hooks_dir.mkdir(parents=True)
     faults = os.environ.get("RLSWIFT_FAULT", "").split(",")  # several comma-separated faults; recipes read others
     kill_after = max(1, n_hooks // 2) if f"kill-in-save@{step}" in faults else None
-    files: dict[str, dict] = {}
+    files: dict[str, Future] = {}
     hook_files: dict[str, list[str]] = {}
-    for i, e in enumerate(encoded):
-        rels = [f"hooks/{e.stem}.json"]
-        files[rels[0]] = _write_file(tmp / rels[0], orjson.dumps(e.tree))
-        if e.tensors:
-            rels.append(f"hooks/{e.stem}.safetensors")
-            files[rels[1]] = _write_tensor_file(tmp / rels[1], e.tensors)
-        hook_files[e.name] = rels
-        del e  # a sync save's lazily encoded hook (and its copies) can go now
-        if kill_after is not None and i + 1 >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: a crash mid-save
+    # Leaving the `with` waits for every started write, also when encoding a later hook failed.
+    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rlswift-write") as pool:
+        for i, e in enumerate(encoded):
+            rels = [f"hooks/{e.stem}.json"]
+            files[rels[0]] = pool.submit(_write_file, tmp / rels[0], orjson.dumps(e.tree))
+            if e.tensors:
+                for k, group in enumerate(shards(e.tensors)):
+                    rels.append(f"hooks/{e.stem}.safetensors" if k == 0 else f"hooks/{e.stem}@{k}.safetensors")
+                    files[rels[-1]] = pool.submit(_write_tensor_file, tmp / rels[-1], group)
+            hook_files[e.name] = rels
+            del e  # a sync save's lazily encoded hook (and its copies) can go once its files are written
+            if kill_after is not None and i + 1 >= kill_after:
+                for f in files.values():
+                    f.result()
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: a crash mid-save
+    done = {rel: f.result() for rel, f in files.items()}  # the first failure is raised here
     if _VERSIONS is None:
         _VERSIONS = _versions()
     manifest = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(), "versions": _VERSIONS,
                 "world_size": 1, "rank": 0, "config": config, "metrics": metrics or {}, "hooks": hook_files,
-                "files": files}
+                "files": done}
     data = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str)
     fsync_path(hooks_dir)
     _write_file(tmp / MANIFEST, data)  # last: marks the folder complete
