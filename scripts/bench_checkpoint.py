@@ -33,7 +33,7 @@ GB = 1e9
 
 
 def build_state(model_hook: str = "clone"):
-    """SmolLM2-135M (fp32) + AdamW after one step on 16 tokens, as the recipes register them.
+    """SmolLM2-135M (fp32) + AdamW after one step, as the recipes register them, and a training-step function.
 
     model_hook "clone": the recipes' ModelHook (policy_state_dict clones every parameter); "view": the parameters
     themselves (detached, no copy): enough now that a sync save writes before returning and an async save copies.
@@ -62,8 +62,8 @@ def build_state(model_hook: str = "clone"):
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-    def train_step():
-        ids = torch.randint(0, 1000, (1, 16))
+    def train_step():  # about one DPO step of the smollm2 preset: 4 pairs = 8 sequences of ~48 tokens
+        ids = torch.randint(0, 1000, (8, 48))
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -135,7 +135,7 @@ def bench_save_load(folder: Path, reps: int, model_hook: str) -> dict:
     hooks, train_step = build_state(model_hook)
     sync_root, async_root = folder / "sync", folder / "async"
     async_mgr = CheckpointManager(async_root, async_save=True)
-    raw, raw_wb, sync, stall, bg_write = [], [], [], [], []
+    raw, raw_wb, sync, stall, bg_write, snapshot, during, alone = [], [], [], [], [], [], [], []
     nbytes = 0
     for rep in range(reps):
         step = rep + 1
@@ -147,16 +147,28 @@ def bench_save_load(folder: Path, reps: int, model_hook: str) -> dict:
         shutil.rmtree(out)
         raw.append(raw_write(folder, nbytes))
         raw_wb.append(raw_write(folder, nbytes, early_writeback=True))
+        # Async: the caller is blocked by the snapshot, then by the optimizer fence in the next step if the
+        # background writer has not written the parameters and moments by then.
         t0 = time.perf_counter()
         async_mgr.save(step, hooks, config={})
-        stall.append(time.perf_counter() - t0)
-        t1 = time.perf_counter()
+        snap = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        train_step()
+        during.append(time.perf_counter() - t0)
+        stall.append(snap + async_mgr.last_save["fence_wait"])
         async_mgr.wait()
-        bg_write.append(time.perf_counter() - t1 + stall[-1])
+        bg_write.append(async_mgr.last_save["write"])
+        snapshot.append(snap)
         if rep < reps - 1:
             shutil.rmtree(async_root / f"checkpoint-{step}")
+        t0 = time.perf_counter()
+        train_step()
+        alone.append(time.perf_counter() - t0)
         print(f"  rep {rep + 1}: raw {raw[-1]:.2f} s, sync save {sync[-1]:.2f} s, async stall {stall[-1]:.3f} s "
-              f"(background write {bg_write[-1]:.2f} s)", flush=True)
+              f"(snapshot {snap:.3f} s, fence {async_mgr.last_save['fence_wait']:.3f} s; background write "
+              f"{bg_write[-1]:.2f} s); training step {alone[-1]:.2f} s alone, {during[-1]:.2f} s beside the write",
+              flush=True)
+        copied = async_mgr.last_save["copied_bytes"]
 
     # Where a sync save's time goes: state_dict + encode (incl. the model hook's clone), sha256 alone.
     t0 = time.perf_counter()
@@ -169,15 +181,7 @@ def bench_save_load(folder: Path, reps: int, model_hook: str) -> dict:
     t_hash = time.perf_counter() - t0
     del encoded
 
-    # A training step alone vs while a background save writes.
-    t0 = time.perf_counter()
-    train_step()
-    step_alone = time.perf_counter() - t0
     async_mgr.save(reps + 1, hooks, config={})
-    t0 = time.perf_counter()
-    train_step()
-    step_during = time.perf_counter() - t0
-    async_mgr.wait()
     async_mgr.close()
 
     # Load: one pass (hash + decode) + load_state_dict; warm page cache, then cold.
@@ -199,9 +203,11 @@ def bench_save_load(folder: Path, reps: int, model_hook: str) -> dict:
         raw_read.append(raw_read_cold(files))
     shutil.rmtree(folder / "async", ignore_errors=True)
     shutil.rmtree(folder / "sync", ignore_errors=True)
-    return {"model_hook": model_hook, "bytes": nbytes, "raw_write_s": raw, "raw_write_early_writeback_s": raw_wb, "sync_save_s": sync,
-            "async_stall_s": stall, "async_write_s": bg_write, "encode_s": t_encode, "sha256_s": t_hash,
-            "step_alone_s": step_alone, "step_during_async_write_s": step_during,
+    return {"model_hook": model_hook, "bytes": nbytes, "raw_write_s": raw, "raw_write_early_writeback_s": raw_wb,
+            "sync_save_s": sync,
+            "async_stall_s": stall, "async_snapshot_s": snapshot, "async_write_s": bg_write,
+            "async_copied_bytes": copied, "encode_s": t_encode, "sha256_s": t_hash,
+            "step_alone_s": alone, "step_beside_async_write_s": during,
             "load_warm_s": warm, "load_cold_s": cold, "raw_read_cold_s": raw_read}
 
 
@@ -261,6 +267,8 @@ def bench_resume(folder: Path, reps: int) -> dict:
 
 
 def report(s: dict | None, r: dict | None) -> None:
+    from rlswift.checkpoint.tensorfile import WORKERS
+
     print("\n== checkpoint bench ==", _bench.threads_note())
     if s:
         n = s["bytes"]
@@ -271,12 +279,14 @@ def report(s: dict | None, r: dict | None) -> None:
         rw = med(s["raw_write_early_writeback_s"])
         print(f"  (with early writeback  {rw:6.2f} s  {n / GB / rw:5.2f} GB/s)")
         print(f"sync save                {sync:6.2f} s  {n / GB / sync:5.2f} GB/s   [{fmt(s['sync_save_s'])}]")
-        print(f"async save: stall        {stall:6.3f} s  (first, cold buffers: {s['async_stall_s'][0]:.3f} s), "
-              f"background write {med(s['async_write_s']):.2f} s")
-        print(f"  where a sync save goes: state_dict+encode {s['encode_s']:.2f} s (the model hook clones its "
-              f"weights), sha256 of the bytes alone {s['sha256_s']:.2f} s (overlapped with the writes)")
-        print(f"  training step alone {s['step_alone_s']:.2f} s, during a background write "
-              f"{s['step_during_async_write_s']:.2f} s")
+        print(f"async save: stall        {stall:6.3f} s  [{fmt(s['async_stall_s'])}] = snapshot "
+              f"{med(s['async_snapshot_s']):.3f} s ({_bench.human(int(s['async_copied_bytes']))} copied) + optimizer "
+              f"fence; background write {med(s['async_write_s']):.2f} s")
+        print(f"  where a sync save goes: state_dict+encode {s['encode_s']:.2f} s (incl. the model hook's clone, if "
+              f"any), sha256 of the bytes on one core {s['sha256_s']:.2f} s (spread over {WORKERS} threads, "
+              "overlapped with the writes)")
+        print(f"  training step alone {med(s['step_alone_s']):.2f} s, beside a background write "
+              f"{med(s['step_beside_async_write_s']):.2f} s (incl. the fence; 2 cores shared with the writer)")
         lw, lc, rr = med(s["load_warm_s"]), med(s["load_cold_s"]), med(s["raw_read_cold_s"])
         print(f"load (verify+decode+load_state_dict): page cache {lw:.2f} s {n / GB / lw:.2f} GB/s; cold {lc:.2f} s "
               f"{n / GB / lc:.2f} GB/s; plain cold read {rr:.2f} s {n / GB / rr:.2f} GB/s")

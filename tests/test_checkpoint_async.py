@@ -36,7 +36,8 @@ def test_async_equals_sync_bit_for_bit(tmp_path):
     for rel in file_digests(out):
         assert (out / rel).read_bytes() == (sync / rel).read_bytes()
     assert (tmp_path / "async" / "latest").read_text().strip() == "checkpoint-7"
-    assert mgr.last_save["stall"] > 0 and mgr.last_save["bytes"] > 0 and mgr.last_save["write"] > 0
+    assert mgr.last_save["stall"] > 0 and mgr.last_save["write"] > 0
+    assert mgr.last_save["live_bytes"] > 0  # model parameters and AdamW state: written without a copy
 
 
 def test_later_mutation_does_not_change_what_is_written(tmp_path, monkeypatch):
@@ -60,6 +61,44 @@ def test_later_mutation_does_not_change_what_is_written(tmp_path, monkeypatch):
     saved = read_checkpoint(tmp_path / "checkpoint-1").states["a"]
     assert torch.equal(saved["w"], torch.arange(6, dtype=torch.float32))
     assert saved["n"] == [1, 2] and saved["d"] == {"k": "v"}
+
+
+def test_optimizer_step_waits_until_its_tensors_are_written(tmp_path, monkeypatch):
+    gate = threading.Event()
+    real = mm.write_tmp
+
+    def gated(*a, **k):
+        assert gate.wait(30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mm, "write_tmp", gated)
+    hooks = make_hooks(seed=5)
+    model, opt = hooks["model"], hooks["optim"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = opt.state_dict()["state"][0]["exp_avg"].clone()
+    mgr = CheckpointManager(tmp_path, async_save=True)
+    mgr.save(1, hooks, config={})
+    assert mgr.last_save["copied_bytes"] == 0 and mgr.last_save["live_bytes"] > 0  # nothing copied
+
+    def train_step():
+        model(torch.tensor([3, 4])).sum().backward()
+        opt.step()  # the fence: waits for the background writer
+
+    t = threading.Thread(target=train_step)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive()  # blocked in step() while the writer is held
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    gate.set()
+    t.join(30)
+    mgr.wait()
+    assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])  # the step ran afterwards
+    assert mgr.last_save["fence_wait"] > 0.3
+    saved = read_checkpoint(tmp_path / "checkpoint-1").states
+    assert all(torch.equal(saved["model"][k], v) for k, v in before.items())  # the step-boundary values
+    assert torch.equal(saved["optim"]["state"][0]["exp_avg"], moments)
+    mgr.close()
+    opt.step()  # close() removed the fence
 
 
 def test_one_save_in_flight_and_buffers_reused(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from rlswift.checkpoint.reader import (FORMAT_VERSION, MANIFEST, CheckpointError
                                        load_hook_state, read_checkpoint, read_manifest, verify)
 from rlswift.checkpoint.retention import best_checkpoint, select_deletions
 from rlswift.checkpoint.writer import (Stager, commit, encode_hooks, fsync_path, hook_file_stem, is_disk_full,
-                                       plain_json, read_pointer, write_pointer, write_tmp)
+                                       optimizer_storages, plain_json, read_pointer, write_pointer, write_tmp)
 
 # The read side lives in reader.py; it is re-exported here so `from rlswift.checkpoint.manager import
 # read_manifest` (recipes, scripts) keeps working.
@@ -53,13 +53,14 @@ def _say(msg: str) -> None:
 
 
 class _Inflight:
-    """A background save: its thread, and the failure it ended with (until someone has been told)."""
+    """A background save: its thread, the failure it ended with (until someone has been told), and the event
+    set once its files are written (the optimizers' fence waits for it)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self.seconds = 0.0
+        self.files_written = threading.Event()
 
 
 def _report_unobserved(ref: "weakref.ref[CheckpointManager]") -> None:
@@ -103,6 +104,7 @@ class CheckpointManager:
         self.last_save: dict[str, float] = {}  # timings of the newest save: stall, write (when done), bytes
         self._inflight: _Inflight | None = None
         self._stager = Stager()
+        self._fenced: dict[int, Any] = {}  # id(optimizer) -> its step pre-hook handle
         self._resolved: LoadedCheckpoint | None = None
         self._lock = threading.Lock()  # retention vs. the mirror's choice of what to upload
         self.mirror = None
@@ -137,10 +139,12 @@ class CheckpointManager:
         """Save every hook's state as `root/checkpoint-{step}` and return that path.
 
         blocking (default: `not async_save`): True writes and commits before returning. False snapshots every
-        hook's state now, in this thread (state_dict() calls, encoding, copies of every tensor into reused
-        buffers, pinned for CUDA), and writes it on a background thread with the same atomic protocol; the
-        checkpoint is committed when `wait()` returns. At most one save is in flight: a new save first waits
-        for the previous one and raises its failure. CheckpointError for a refused state (before anything is
+        hook's state now, in this thread (state_dict() calls, encoding, copies of tensors into reused buffers,
+        pinned for CUDA), and writes it on a background thread with the same atomic protocol; the checkpoint is
+        committed when `wait()` returns. The CPU parameters and state of torch optimizers among `hooks` are not
+        copied: their next `step()` waits until they are written (`last_save["fence_wait"]`); code that changes
+        them in place other than through `step()` must call `wait()` first. At most one save is in flight: a new
+        save first waits for the previous one and raises its failure. CheckpointError for a refused state (before anything is
         written), a full disk or another write failure (the previous checkpoints and `latest` are untouched).
         """
         if type(step) is not int or step < 0:
@@ -159,33 +163,57 @@ class CheckpointManager:
             self._write(step, encode_hooks(items), len(items), config, metrics)
             self.last_save = {"stall": time.perf_counter() - t0, "write": time.perf_counter() - t0}
             return self.root / name
-        self._stager.bytes = 0
-        snapshot = list(encode_hooks(items, self._stager))
-        self._stager.finish()
+        optimizers, live = optimizer_storages(items)
+        for opt in optimizers:
+            self._fence(opt)
+        self._stager.start(live)
+        try:
+            snapshot = list(encode_hooks(items, self._stager))
+        finally:
+            self._stager.finish()
         job = _Inflight(name)
 
         def run() -> None:
             t1 = time.perf_counter()
             try:
-                self._write(step, snapshot, len(items), config, metrics)
+                self._write(step, snapshot, len(items), config, metrics, job.files_written.set)
             except BaseException as e:  # noqa: BLE001 - kept for wait(); reported now too
                 job.error = e
                 _say(f"background save of {name} failed: {e}")
-            job.seconds = time.perf_counter() - t1
-            self.last_save["write"] = job.seconds
+            finally:
+                job.files_written.set()  # never leave an optimizer waiting
+            self.last_save["write"] = time.perf_counter() - t1
 
         job.thread = threading.Thread(target=run, name=f"rlswift-save-{step}")
         self._inflight = job
-        self.last_save = {"stall": time.perf_counter() - t0, "bytes": float(self._stager.bytes)}
+        self.last_save = {"stall": time.perf_counter() - t0, "copied_bytes": float(self._stager.bytes),
+                          "live_bytes": float(self._stager.live_bytes), "fence_wait": 0.0}
         job.thread.start()
         return self.root / name
 
-    def _write(self, step: int, encoded, n_hooks: int, config: Any, metrics: Any) -> None:
+    def _fence(self, opt) -> None:
+        """Make `opt.step()` wait until the in-flight save has written the optimizer's live tensors (once per
+        optimizer; removed by close())."""
+        if id(opt) in self._fenced:
+            return
+        ref = weakref.ref(self)
+
+        def before_step(_opt, _args, _kwargs) -> None:
+            mgr = ref()
+            job = mgr._inflight if mgr is not None else None
+            if job is not None and not job.files_written.is_set():
+                t0 = time.perf_counter()
+                job.files_written.wait()
+                mgr.last_save["fence_wait"] = mgr.last_save.get("fence_wait", 0.0) + time.perf_counter() - t0
+
+        self._fenced[id(opt)] = opt.register_step_pre_hook(before_step)
+
+    def _write(self, step: int, encoded, n_hooks: int, config: Any, metrics: Any, files_written=None) -> None:
         name = f"checkpoint-{step}"
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         final = self.root / name
         try:
-            write_tmp(tmp, step, encoded, n_hooks, config, metrics)
+            write_tmp(tmp, step, encoded, n_hooks, config, metrics, files_written)
             commit(tmp, final)
             write_pointer(self.root, LATEST, name)
         except BaseException as e:
@@ -228,6 +256,9 @@ class CheckpointManager:
             self.wait()
         finally:
             self._stager = Stager()  # the async staging buffers (a copy of the state) can go
+            for handle in self._fenced.values():
+                handle.remove()
+            self._fenced.clear()
             if self.mirror is not None:
                 self.mirror.close()
 

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import orjson
 import torch
@@ -33,7 +33,7 @@ from rlswift.checkpoint.codec import CodecError, encode
 from rlswift.checkpoint.reader import FORMAT_VERSION, MANIFEST, CheckpointError
 from rlswift.checkpoint.tensorfile import WORKERS, Hasher, shards, write_all, write_tensors
 
-__all__ = ["EncodedHook", "Stager", "encode_hooks", "write_tmp", "commit", "write_pointer", "read_pointer",
+__all__ = ["EncodedHook", "Stager", "optimizer_storages", "encode_hooks", "write_tmp", "commit", "write_pointer", "read_pointer",
            "fsync_path", "is_disk_full", "hook_file_stem", "plain_json"]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,100}$")
@@ -57,22 +57,46 @@ class EncodedHook:
     tensors: dict[str, torch.Tensor]
 
 
-class Stager:
-    """Copies tensors into buffers that are kept and reused across saves (pinned host memory for CUDA tensors).
+def optimizer_storages(hooks: Iterable[tuple[str, Any]]) -> tuple[list[torch.optim.Optimizer], set[int]]:
+    """The torch optimizers among `hooks`, and the storage addresses of their CPU parameters and state tensors:
+    memory that only changes inside `optimizer.step()` (see Stager)."""
+    opts = [h for _n, h in hooks if isinstance(h, torch.optim.Optimizer)]
+    ptrs: set[int] = set()
+    for opt in opts:
+        tensors = [p for g in opt.param_groups for p in g["params"]]
+        tensors += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        ptrs |= {t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu"}
+    ptrs.discard(0)
+    return opts, ptrs
 
-    Reuse matters: a fresh allocation costs page faults on first touch (about 2x the copy itself here) and
-    pinned allocations are slow, while copying into warm buffers runs at memory speed. Buffers are keyed by hook
-    and tensor name; a changed shape or dtype gets a new buffer. Not thread-safe: one snapshot at a time.
+
+class Stager:
+    """An async save's snapshot of tensors: what later training cannot change, at the lowest stall.
+
+    - `live` storages (CPU parameters and state of the run's optimizers, see `optimizer_storages`) are not
+      copied: they only change in `optimizer.step()`, and the manager makes the optimizers' next step wait until
+      the background writer has written them (`live_bytes` counts them). On a 2-core CPU box memory copies run at
+      ~3-4 GB/s, slower than hashing + writing in parallel, so copying them would stall longer than a sync save.
+    - every other tensor is copied into a buffer kept and reused across saves (pinned host memory for CUDA
+      tensors, copied non_blocking; `finish` synchronizes once). Reuse matters: a fresh allocation costs page
+      faults on first touch (about 2x the copy itself here) and pinned allocations are slow.
+    Buffers are keyed by hook and tensor name; a changed shape or dtype gets a new one. One snapshot at a time.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}
         self._used: set[tuple[str, str]] = set()
         self._cuda = False
+        self.live: set[int] = set()
         self.bytes = 0
+        self.live_bytes = 0
 
     def for_hook(self, hook: str):
         def stage(name: str, t: torch.Tensor) -> torch.Tensor:
+            nbytes = t.numel() * t.element_size()
+            if t.device.type == "cpu" and t.is_contiguous() and t.untyped_storage().data_ptr() in self.live:
+                self.live_bytes += nbytes
+                return t
             key = (hook, name)
             buf = self._buffers.get(key)
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or key in self._used:
@@ -80,12 +104,15 @@ class Stager:
                 buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
                 self._buffers[key] = buf
             self._used.add(key)
-            # CUDA: an async copy into pinned memory; `finish` waits once for all of them.
             buf.copy_(t, non_blocking=t.device.type == "cuda")
             self._cuda |= t.device.type == "cuda"
-            self.bytes += buf.numel() * buf.element_size()
+            self.bytes += nbytes
             return buf
         return stage
+
+    def start(self, live: set[int]) -> None:
+        """Begin a snapshot whose `live` storages are written without a copy."""
+        self.live, self.bytes, self.live_bytes = live, 0, 0
 
     def finish(self) -> None:
         """Wait for device copies, and drop buffers this snapshot did not use (state that went away)."""
@@ -95,6 +122,7 @@ class Stager:
         for key in set(self._buffers) - self._used:
             del self._buffers[key]
         self._used.clear()
+        self.live = set()
 
 
 def encode_hooks(hooks: Iterable[tuple[str, Any]], stager: Stager | None = None) -> Iterator[EncodedHook]:
@@ -168,11 +196,12 @@ def _write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def write_tmp(tmp: Path, step: int, encoded: Iterable[EncodedHook], n_hooks: int, config: Any,
-              metrics: Any) -> None:
+              metrics: Any, files_written: Callable[[], None] | None = None) -> None:
     """Steps 1-2 of the protocol: every hook's files, then the manifest, all fsynced, into the folder `tmp`.
 
     A hook's tensors go to `hooks/{stem}.safetensors` and, beyond SHARD bytes, `hooks/{stem}@1.safetensors`, ...
     ('@' never occurs in a stem, so names cannot collide); files are written by WORKERS threads at once.
+    `files_written()` is called once every hook file is written (the tensors are no longer needed).
     `RLSWIFT_FAULT=kill-in-save@{step}` (test hook) SIGKILLs the process once half the hooks are written.
     """
     global _VERSIONS
@@ -198,6 +227,8 @@ def write_tmp(tmp: Path, step: int, encoded: Iterable[EncodedHook], n_hooks: int
                     f.result()
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: a crash mid-save
     done = {rel: f.result() for rel, f in files.items()}  # the first failure is raised here
+    if files_written is not None:
+        files_written()
     if _VERSIONS is None:
         _VERSIONS = _versions()
     manifest = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(), "versions": _VERSIONS,
