@@ -222,6 +222,10 @@ def dpo_cmd(out: Path, *overrides: str) -> list[str]:
 def first_line_seconds(out: Path, overrides: list[str], expect_step: int, timeout: float = 300) -> float:
     """Launch the recipe; seconds until metrics.jsonl holds a line for `expect_step`; then kill it."""
     metrics = out / "metrics.jsonl"
+    if metrics.exists():  # drop the line a previous (killed) launch wrote, as the resume itself would
+        keep = [ln for ln in metrics.read_bytes().splitlines(keepends=True)
+                if json.loads(ln)["step"] < expect_step]
+        metrics.write_bytes(b"".join(keep))
     t0 = time.perf_counter()
     proc = subprocess.Popen(dpo_cmd(out, *overrides), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     needle = f'"step":{expect_step},'.encode()
