@@ -79,7 +79,8 @@ def test_resume_reads_each_file_once_and_save_reads_none(tmp_path, monkeypatch):
     b = make_hooks(seed=1)
     mgr.load(path, b)
     assert sorted(reads) == sorted(Path(rel).name for rel in files)  # each hook file exactly once
-    assert torch.equal(b["optim"].state_dict()["state"][0]["exp_avg"], hooks["optim"].state_dict()["state"][0]["exp_avg"])
+    exp_avg = [h["optim"].state_dict()["state"][0]["exp_avg"] for h in (b, hooks)]
+    assert torch.equal(*exp_avg)
 
 
 def test_read_checkpoint_tensors_are_exact_and_writable(tmp_path):

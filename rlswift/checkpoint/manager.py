@@ -144,8 +144,9 @@ class CheckpointManager:
         committed when `wait()` returns. The CPU parameters and state of torch optimizers among `hooks` are not
         copied: their next `step()` waits until they are written (`last_save["fence_wait"]`); code that changes
         them in place other than through `step()` must call `wait()` first. At most one save is in flight: a new
-        save first waits for the previous one and raises its failure. CheckpointError for a refused state (before anything is
-        written), a full disk or another write failure (the previous checkpoints and `latest` are untouched).
+        save first waits for the previous one and raises its failure. CheckpointError for a refused state (before
+        anything is written), a full disk or another write failure (the previous checkpoints and `latest` are
+        untouched).
         """
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")

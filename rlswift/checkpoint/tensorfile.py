@@ -191,8 +191,10 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 def read_hashed(path: str | os.PathLike, size: int, hasher: Hasher | None,
                 keep: bool = True) -> torch.Tensor | None:
-    """Read the `size` bytes of `path` once, feeding `hasher` (if any); returns them as a uint8 tensor (None if not keep:
-    then only two chunk buffers are used, one hashed while the other is read into).
+    """Read the `size` bytes of `path` once, feeding `hasher` (if any); returns them as a uint8 tensor.
+
+    keep=False (verification only): returns None, and only two chunk buffers are used, one hashed while the other
+    is read into.
 
     Raises OSError if the file ends early (the caller has compared sizes; the file may change under us).
     """
@@ -239,7 +241,7 @@ def _read_exact(f, view, hasher: Hasher | None) -> None:
 def _entries(header: Any, data_size: int) -> list[tuple[str, torch.dtype, list[int], int]]:
     """(name, dtype, shape, nbytes) in file order, after checking the header as strictly as safetensors does."""
     if not isinstance(header, dict):
-        raise ValueError(f"header is not a JSON object")
+        raise ValueError("header is not a JSON object")
     entries = []
     for name, e in header.items():
         if name == "__metadata__":

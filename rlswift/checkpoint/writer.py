@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator
 
 import orjson
 import torch
@@ -33,8 +33,8 @@ from rlswift.checkpoint.codec import CodecError, encode
 from rlswift.checkpoint.reader import FORMAT_VERSION, MANIFEST, CheckpointError
 from rlswift.checkpoint.tensorfile import WORKERS, Hasher, shards, write_all, write_tensors
 
-__all__ = ["EncodedHook", "Stager", "optimizer_storages", "encode_hooks", "write_tmp", "commit", "write_pointer", "read_pointer",
-           "fsync_path", "is_disk_full", "hook_file_stem", "plain_json"]
+__all__ = ["EncodedHook", "Stager", "optimizer_storages", "encode_hooks", "write_tmp", "commit", "write_pointer",
+           "read_pointer", "fsync_path", "is_disk_full", "hook_file_stem", "plain_json"]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,100}$")
 
@@ -306,8 +306,3 @@ def is_disk_full(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-def mapping_items(hooks: Mapping[str, Any] | Any) -> list[tuple[str, Any]]:
-    """(name, hook) pairs of a dict or of any object with .items() (e.g. a StateRegistry)."""
-    return list(hooks.items())
