@@ -86,7 +86,7 @@ class Stager:
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}
         self._used: set[tuple[str, str]] = set()
-        self._cuda = False
+        self._devices: set[torch.device] = set()  # CUDA devices with copies in flight
         self.live: set[int] = set()
         self.bytes = 0
         self.live_bytes = 0
@@ -105,7 +105,8 @@ class Stager:
                 self._buffers[key] = buf
             self._used.add(key)
             buf.copy_(t, non_blocking=t.device.type == "cuda")
-            self._cuda |= t.device.type == "cuda"
+            if t.device.type == "cuda":
+                self._devices.add(t.device)
             self.bytes += nbytes
             return buf
         return stage
@@ -116,9 +117,9 @@ class Stager:
 
     def finish(self) -> None:
         """Wait for device copies, and drop buffers this snapshot did not use (state that went away)."""
-        if self._cuda:
-            torch.cuda.synchronize()
-            self._cuda = False
+        for device in self._devices:
+            torch.cuda.synchronize(device)
+        self._devices.clear()
         for key in set(self._buffers) - self._used:
             del self._buffers[key]
         self._used.clear()
