@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,6 @@ import orjson
 import pytest
 import torch
 
-import rlswift.checkpoint.manager as mm
 from rlswift.checkpoint import CheckpointError, CheckpointManager, verify
 from test_checkpoint_manager import Box
 
@@ -125,8 +125,8 @@ def test_manifest_listing_unknown_or_outside_files(saved):
 
 def test_newer_format_version(saved):
     mgr, ckpt = saved
-    set_manifest(ckpt, lambda m: m.update(format_version=2))
-    assert_refused(mgr, ckpt, r"written by a newer rlswift \(format 2 > 1\); upgrade rlswift")
+    set_manifest(ckpt, lambda m: m.update(format_version=3))
+    assert_refused(mgr, ckpt, r"written by a newer rlswift \(format 3 > 2\); upgrade rlswift")
 
 
 def test_missing_folder_and_missing_manifest(saved, tmp_path):
@@ -150,36 +150,93 @@ def test_auto_skips_incomplete_with_warning(saved):
         assert mgr.resolve_resume("auto") == ckpt
 
 
-@pytest.mark.parametrize("where", ["fsync", "safetensors"])
-def test_full_disk_during_save(saved, monkeypatch, where):
+def test_full_disk_during_fsync(saved, monkeypatch):
+    """ENOSPC raised by fsync (delayed allocation) part way through the hook files."""
     mgr, ckpt = saved
     root = ckpt.parent
     calls = {"n": 0}
+    real = os.fsync
 
-    def boom(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
 
-    if where == "fsync":
-        real = os.fsync
-
-        def fsync(fd):
-            calls["n"] += 1
-            if calls["n"] == 3:  # part way through the hook files
-                boom()
-            return real(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
-    else:
-        monkeypatch.setattr(mm.safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(CheckpointError, match="disk full") as e:
         mgr.save(2, hooks(2), config={})
     assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.errno == errno.ENOSPC
     monkeypatch.undo()
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1", "latest"]  # tmp cleaned, nothing new
-    assert (root / "latest").read_text().strip() == "checkpoint-1"
     h = fresh()
     mgr.load(ckpt, h)
     assert h["p"].state == {"step": 1}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: writing more fails with a real ENOSPC from the kernel."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("a real ENOSPC needs a size-limited tmpfs, and mounting one needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mounting a size-limited tmpfs was refused here ({r.stderr.strip()}); no real ENOSPC possible")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.mark.parametrize("payload", ["safetensors", "json"])
+@pytest.mark.parametrize("blocking", [True, False])
+def test_real_disk_full(small_disk, capsys, payload, blocking):
+    mgr = CheckpointManager(small_disk)
+    mgr.save(1, hooks(1), config={})
+    big = {"t": torch.ones(1 << 19)} if payload == "safetensors" else {"s": "x" * (2 << 20)}  # 2 MiB > 1 MiB disk
+    h = {**hooks(2), "big": Box(big)}
+    if blocking:
+        with pytest.raises(CheckpointError, match="disk full while writing checkpoint-2") as e:
+            mgr.save(2, h, config={})
+    else:
+        mgr.save(2, h, config={}, blocking=False)  # returns: the write fails on the background thread
+        with pytest.raises(CheckpointError, match="background save of checkpoint-2 failed: disk full") as e:
+            mgr.wait()
+        assert "background save of checkpoint-2 failed" in capsys.readouterr().err  # said at once, too
+        mgr.wait()  # raised once
+    cause = e.value.__cause__
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__
+    assert cause is not None and cause.errno == errno.ENOSPC
+    assert "\n" not in str(e.value)  # one line
+    assert sorted(p.name for p in small_disk.iterdir()) == ["checkpoint-1", "latest"]  # tmp folder removed
+    assert (small_disk / "latest").read_text().strip() == "checkpoint-1"
+    assert CheckpointManager(small_disk).resolve_resume("auto") == small_disk / "checkpoint-1"
+    f = fresh()
+    mgr.load(small_disk / "checkpoint-1", f)
+    assert f["p"].state == {"step": 1}
+    mgr.save(3, hooks(3), config={})  # space is free again: the next save works
+    assert verify(small_disk / "checkpoint-3") == []
+
+
+def test_disk_full_recognised_through_library_errors():
+    from safetensors import SafetensorError
+
+    from rlswift.checkpoint.writer import is_disk_full
+
+    st = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                         '"No space left on device" })')
+    assert is_disk_full(st)
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "x")
+        except OSError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        assert is_disk_full(outer)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(SafetensorError("header too large"))
 
 
 class Evil:

@@ -62,7 +62,7 @@ def test_save_layout_manifest_and_latest(tmp_path):
     assert mgr.latest_pointer() == out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
     m = read_manifest(out)
-    assert m["format_version"] == FORMAT_VERSION == 1 and m["step"] == 5
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["step"] == 5
     assert m["world_size"] == 1 and m["rank"] == 0
     assert m["config"] == {"lr": 0.01, "model": "tiny"} and m["metrics"] == {"reward": 0.5}
     assert set(m["versions"]) == {"rlswift", "torch", "transformers", "vllm", "python"}
@@ -149,8 +149,9 @@ def test_resave_same_step_replaces(tmp_path):
 def test_bad_state_fails_before_commit(tmp_path):
     mgr = CheckpointManager(tmp_path)
     mgr.save(1, {"a": Box(1)}, config={})
-    with pytest.raises(TypeError, match="hook 'b'.*set"):
+    with pytest.raises(CheckpointError, match="hook 'b'.*set") as e:
         mgr.save(2, {"a": Box(1), "b": Box({"x": {1, 2}})}, config={})
+    assert isinstance(e.value.__cause__, TypeError)  # the codec's error, chained
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "latest"]
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-1"
 
@@ -234,9 +235,9 @@ def test_manifest_is_last_and_readable_json(tmp_path):
 
 
 def test_replace_without_rename_exchange(tmp_path, monkeypatch):
-    import rlswift.checkpoint.manager as mm
+    import rlswift.checkpoint.writer as cw
 
-    monkeypatch.setattr(mm, "_rename_exchange", lambda a, b: False)
+    monkeypatch.setattr(cw, "_rename_exchange", lambda a, b: False)
     mgr = CheckpointManager(tmp_path)
     mgr.save(2, {"a": Box(1)}, config={})
     mgr.save(2, {"a": Box(2)}, config={})

@@ -22,7 +22,7 @@ import base64
 import math
 import struct
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -85,8 +85,9 @@ def _is_utf8_safe(s: str) -> bool:
 
 
 class _Encoder:
-    def __init__(self, hook: str | None) -> None:
+    def __init__(self, hook: str | None, stage: Callable[[str, torch.Tensor], torch.Tensor] | None) -> None:
         self.hook = hook
+        self.stage = stage
         self.tensors: dict[str, torch.Tensor] = {}
         self._seen_storage: set[int] = set()
         self._active: set[int] = set()  # containers on the current path (cycle detection)
@@ -107,19 +108,23 @@ class _Encoder:
 
     def add_tensor(self, path: tuple, t: torch.Tensor) -> str:
         t = t.detach()
-        # Store an independent dense CPU copy unless the tensor already is one: safetensors refuses shared
-        # storage (tied embeddings) and views into bigger storages.
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        owns_all = (t.device.type == "cpu" and t.is_contiguous() and t.storage_offset() == 0
-                    and storage.nbytes() == t.numel() * t.element_size() and ptr not in self._seen_storage)
-        if not owns_all:
-            t = t.to("cpu").clone(memory_format=torch.contiguous_format)
-        if ptr:
-            self._seen_storage.add(ptr)
+        name = self.tensor_name(path)
+        if self.stage is not None:
+            t = self.stage(name, t)  # a copy later training cannot change (async save)
+        else:
+            # Store an independent dense CPU copy unless the tensor already is one: safetensors refuses shared
+            # storage (tied embeddings) and views into bigger storages.
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            owns_all = (t.device.type == "cpu" and t.is_contiguous() and t.storage_offset() == 0
+                        and storage.nbytes() == t.numel() * t.element_size() and ptr not in self._seen_storage)
+            if not owns_all:  # one copy, also from another device
+                t = (t.clone(memory_format=torch.contiguous_format) if t.device.type == "cpu"
+                     else t.to("cpu", memory_format=torch.contiguous_format))
+            if ptr:
+                self._seen_storage.add(ptr)
         if type(t) is not torch.Tensor:  # e.g. nn.Parameter: store the plain data
             t = t.as_subclass(torch.Tensor)
-        name = self.tensor_name(path)
         self.tensors[name] = t
         return name
 
@@ -195,13 +200,19 @@ class _Encoder:
                              "data": _b64(obj.tobytes(order="C"))}}
 
 
-def encode(obj: Any, hook: str | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+def encode(obj: Any, hook: str | None = None,
+           stage: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
     """Split `obj` into a JSON-able tree (for orjson) and a dict of tensors (for safetensors).
 
     `hook` only names the owner in error messages. Raises `CodecError` naming the hook, the key path and the
     type for any value outside the supported set (see module docstring).
+
+    The tensors are dense CPU tensors: without `stage`, a tensor that already is one (owning its whole storage)
+    is stored as is, without a copy, so it must not change before it is written; others are copied. With
+    `stage`, every tensor goes through `stage(tensor_name, tensor)`, which returns the dense CPU tensor to store
+    (the async save passes copies into reusable buffers). The tree never aliases `obj`'s mutable objects.
     """
-    enc = _Encoder(hook)
+    enc = _Encoder(hook, stage)
     tree = enc.enc(obj, ())
     return tree, enc.tensors
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlswift.checkpoint.reader import CheckpointError, load_hook_state, read_manifest, verify
+from rlswift.checkpoint.reader import CheckpointError, load_hook_state, read_checkpoint, read_manifest, verify
 
 __all__ = ["Difference", "compare_states", "read_hook_states", "inspect_checkpoint", "diff_checkpoints"]
 
@@ -131,8 +131,8 @@ def read_hook_states(path: str | os.PathLike, check: bool = True) -> dict[str, A
     check: verify sizes and checksums first (raises CheckpointError on any problem).
     """
     p = Path(path)
-    if check and (problems := verify(p)):
-        raise CheckpointError(f"cannot read {p}: " + "; ".join(problems))
+    if check:
+        return read_checkpoint(p, context="cannot read {path}").states  # each file read once
     manifest = read_manifest(p)
     return {name: load_hook_state(p, name, manifest) for name in manifest["hooks"]}
 
@@ -151,7 +151,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> str:
     problems = verify(p)
     try:
         m = read_manifest(p)
-    except (OSError, ValueError) as e:
+    except CheckpointError as e:
         return f"{p}: not readable as a checkpoint ({e})\n" + "\n".join(f"  problem: {x}" for x in problems)
     lines = [f"checkpoint {p}", f"  step: {m.get('step')}  format_version: {m.get('format_version')}  "
              f"world_size: {m.get('world_size')}  rank: {m.get('rank')}"]

