@@ -77,7 +77,11 @@ def test_policy_state_roundtrip_full_and_lora(tiny_model_dir):
         model = load_policy(tiny_model_dir, lora_rank=rank, seed=0)
         if rank:
             _randomize_lora_b(model)
-        sd = policy_state_dict(model)
+        live = policy_state_dict(model)
+        # No copies: the checkpointer writes before the next optimizer step (sync) or fences it (async).
+        params = dict(model.named_parameters())
+        assert all(live[n].data_ptr() == params[n].data_ptr() for n in live)
+        sd = {n: t.clone() for n, t in live.items()}  # what a checkpoint holds after it was written
         if rank == 0:
             assert set(sd) == {n for n, _ in model.named_parameters()}
         with torch.no_grad():

@@ -114,12 +114,13 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What the checkpoint stores for the policy: cloned tensors, keyed by parameter name.
+    """What the checkpoint stores for the policy: the parameters (detached, not copied), keyed by name.
 
     Full fine-tuning: every parameter (tied weights once). LoRA: only the trainable adapter tensors; the frozen base
-    is re-loaded from the model folder on resume. Clones, so later optimizer steps cannot change a saved state.
+    is re-loaded from the model folder on resume. No copies: a sync save writes before it returns, and an async save
+    fences the optimizer (its next step waits for the write), so a saved state never sees a later update.
     """
-    return {name: p.detach().clone() for name, p in policy_state_dict_names(model).items()}
+    return {name: p.detach() for name, p in policy_state_dict_names(model).items()}
 
 
 def load_policy_state(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:

@@ -23,7 +23,8 @@ from rlswift.state import hooks_from_factories, user_hooks
 
 # Keys that only change how long a run goes or how it is watched: a resume may change these, no others.
 RUN_LENGTH_KEYS = frozenset({"max_steps", "save_steps", "save_total_limit", "resume", "output_dir", "overwrite",
-                             "progress_bar", "plot", "report_to", "run_name"})
+                             "progress_bar", "plot", "report_to", "run_name", "async_save", "mirror_to",
+                             "metric_for_best", "greater_is_better"})
 # Hooks added after rlswift 0.1: a checkpoint without them loads, and they keep their fresh state.
 NEW_HOOKS = ("trackers",)
 
@@ -68,6 +69,19 @@ def build_run_optimizer(model: torch.nn.Module, opt: OptimizerConfig, lr: float,
     return build_optimizer(opt.name, model, lr=lr, weight_decay=weight_decay, implementation=opt.adamw_implementation,
                            target_modules=targets, rank=opt.galore_rank, update_proj_gap=opt.galore_update_proj_gap,
                            scale=opt.galore_scale)
+
+
+def make_checkpoint_manager(out: Path, cfg) -> CheckpointManager:
+    """The run's CheckpointManager from the config's save keys (async writes, mirror, best-checkpoint retention)."""
+    best = cfg.metric_for_best
+    greater = cfg.greater_is_better if cfg.greater_is_better is not None else "loss" not in (best or "")
+    return CheckpointManager(out, save_total_limit=cfg.save_total_limit, async_save=cfg.async_save,
+                             mirror_to=cfg.mirror_to, best_metric=best, best_mode="max" if greater else "min")
+
+
+def numeric_metrics(record: dict) -> dict:
+    """The record's top-level numbers (what a checkpoint's manifest keeps, so any of them can pick the best)."""
+    return {k: v for k, v in record.items() if type(v) in (int, float)}
 
 
 class ModelHook:

@@ -28,7 +28,6 @@ from rlswift.algorithms.dpo import (  # noqa: E402
     dpo_metrics,
     sequence_logps,
 )
-from rlswift.checkpoint import CheckpointManager  # noqa: E402
 from rlswift.data.preference import load_preference_dataset, tokenize_preference  # noqa: E402
 from rlswift.data.prompts import rows_fingerprint  # noqa: E402
 from rlswift.errors import DataError  # noqa: E402
@@ -52,6 +51,8 @@ from rlswift.recipes._common import (  # noqa: E402
     build_run_optimizer,
     build_scheduler,
     fault_point,
+    make_checkpoint_manager,
+    numeric_metrics,
     first_last_means,
     migrate_precision,
     optimizer_step,
@@ -137,7 +138,17 @@ class DPOConfig:
     save_steps: int = 10
     """Save a checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT/SIGUSR1)."""
     save_total_limit: int | None = 2
-    """Keep the newest N checkpoints; unset keeps all."""
+    """Keep the newest N checkpoints (and the best one, with metric_for_best); unset keeps all."""
+    async_save: bool = False
+    """Write checkpoints in the background while training goes on (the same atomic protocol; at most one in flight;
+    SIGTERM and the end of the run wait for it)."""
+    mirror_to: str | None = None
+    """Upload every committed checkpoint to this fsspec URL (e.g. s3://bucket/run) in the background; resume=auto
+    falls back to it when the local folder is gone."""
+    metric_for_best: str | None = None
+    """A metrics.jsonl key (e.g. reward, loss); the best checkpoint by it is kept besides the newest and marked `best`."""
+    greater_is_better: bool | None = None
+    """Whether a higher metric_for_best is better; unset = false for names holding 'loss', true otherwise."""
     state_hooks: list[str] = field(default_factory=list)
     """Dotted paths to factories returning {name: hook}: user state saved and restored with the run."""
     progress_bar: bool = True
@@ -222,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        config=cfglib.to_dict(cfg), history=out / "metrics.jsonl"))
     sampler, ref_cache, metrics_log = registry.get("sampler"), registry.get("reference_cache"), registry.get("metrics_log")
 
-    ckpt = CheckpointManager(out, save_total_limit=cfg.save_total_limit)
+    ckpt = make_checkpoint_manager(out, cfg)
     resumed_from = resume_or_start(ckpt, registry, cfg, RUN_LENGTH_KEYS, migrate=migrate_precision)
     (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
     # The reference's identity keys its cache: a different base model or dtype must never reuse old values.
@@ -301,16 +312,18 @@ def main(argv: list[str] | None = None) -> int:
             trackers.log(record, step)  # before the save: the checkpoint records the last step the trackers hold
             if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
                 t0 = time.perf_counter()
-                ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics={"loss": record["loss"]})
-                last_save = time.perf_counter() - t0
+                ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics=numeric_metrics(record))
+                last_save = time.perf_counter() - t0  # with async_save: the training stall only
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
                 bar.update(1)
             if stop.requested:
+                ckpt.wait()  # an async save must be on disk before we say so
                 report_stop(stop.signum, step)
                 break
     if bar is not None:
         bar.close()
+    ckpt.close()  # waits for an async save and mirror uploads
     metrics_log.close()
     trackers.close()
     k, means = first_last_means(out / "metrics.jsonl", ["rewards/accuracies", "rewards/margins"], k_max=5)

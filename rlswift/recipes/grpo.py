@@ -33,7 +33,6 @@ from rlswift.algorithms.grpo import accumulation_scale, nanstd, policy_loss  # n
 from rlswift.algorithms.grpo_batch import GenerationBatch, Group, assemble_batch  # noqa: E402
 from rlswift.algorithms.logprobs import completion_logprobs  # noqa: E402
 from rlswift.algorithms.shared_prompt import shared_prompt_fallback_reason  # noqa: E402
-from rlswift.checkpoint import CheckpointManager  # noqa: E402
 from rlswift.data.prompts import load_prompt_dataset, render_prompt  # noqa: E402
 from rlswift.errors import DataError, RlswiftError  # noqa: E402
 from rlswift.models import resolve_model  # noqa: E402
@@ -63,6 +62,8 @@ from rlswift.recipes._common import (  # noqa: E402
     build_run_optimizer,
     build_scheduler,
     fault_point,
+    make_checkpoint_manager,
+    numeric_metrics,
     first_last_means,
     migrate_precision,
     optimizer_step,
@@ -205,7 +206,17 @@ class GRPOConfig:
     save_steps: int = 10
     """Save a checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT/SIGUSR1)."""
     save_total_limit: int | None = 2
-    """Keep the newest N checkpoints; unset keeps all."""
+    """Keep the newest N checkpoints (and the best one, with metric_for_best); unset keeps all."""
+    async_save: bool = False
+    """Write checkpoints in the background while training goes on (the same atomic protocol; at most one in flight;
+    SIGTERM and the end of the run wait for it)."""
+    mirror_to: str | None = None
+    """Upload every committed checkpoint to this fsspec URL (e.g. s3://bucket/run) in the background; resume=auto
+    falls back to it when the local folder is gone."""
+    metric_for_best: str | None = None
+    """A metrics.jsonl key (e.g. reward, loss); the best checkpoint by it is kept besides the newest and marked `best`."""
+    greater_is_better: bool | None = None
+    """Whether a higher metric_for_best is better; unset = false for names holding 'loss', true otherwise."""
     state_hooks: list[str] = field(default_factory=list)
     """Dotted paths to factories returning {name: hook}: user state saved and restored with the run."""
     progress_bar: bool = True
@@ -442,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("metrics_log", metrics_log), ("trajectories_log", traj_log), ("trackers", trackers)]:
         registry.register(name, hook)
 
-    ckpt = CheckpointManager(out, save_total_limit=cfg.save_total_limit)
+    ckpt = make_checkpoint_manager(out, cfg)
     resumed_from = resume_or_start(ckpt, registry, cfg, RESUMABLE_KEYS, migrate=migrate_config)
     (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
 
@@ -559,17 +570,19 @@ def main(argv: list[str] | None = None) -> int:
             # ---- save ----
             if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
                 t0 = time.perf_counter()
-                ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics={"reward": record["reward"]})
-                last_save = time.perf_counter() - t0
+                ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics=numeric_metrics(record))
+                last_save = time.perf_counter() - t0  # with async_save: the training stall only
             if bar is not None:
                 bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.4f}",
                                 s_per_step=f"{record['timing']['step']:.1f}")
                 bar.update(1)
             if stop.requested:
+                ckpt.wait()  # an async save must be on disk before we say so
                 report_stop(stop.signum, step)
                 break
     if bar is not None:
         bar.close()
+    ckpt.close()  # waits for an async save and mirror uploads
     engine.close()
     for log in (metrics_log, traj_log, trackers):
         log.close()
