@@ -144,6 +144,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
+            if isinstance(node.get(part), str):
+                node[part] = {"name": node[part]}  # `optimizer=adamw_8bit optimizer.x=1`: the shorthand, then a field
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part!r} is not a section")

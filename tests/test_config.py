@@ -86,3 +86,19 @@ def test_recipe_configs_have_a_docstring_per_field():
         docs = cfglib.field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
         assert not missing, f"{cls.__name__} fields without docstring: {missing}"
+
+
+def test_section_shorthand_sets_its_name_field():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Opt:
+        name: str = "adamw"
+        rank: int = 128
+
+    @dataclass
+    class Cfg:
+        optimizer: Opt = field(default_factory=Opt)
+
+    assert cfglib.load(Cfg, None, ["optimizer=galore_adamw"]).optimizer == Opt("galore_adamw", 128)
+    assert cfglib.load(Cfg, None, ["optimizer=galore_adamw", "optimizer.rank=8"]).optimizer == Opt("galore_adamw", 8)
