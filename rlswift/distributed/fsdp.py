@@ -16,6 +16,7 @@ from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from rlswift.distributed.launch import DistInfo
 
@@ -134,7 +135,10 @@ class _CallRoot(nn.Module):
         self.module = model
 
     def forward(self, fn, *args, **kwargs):
-        return fn(self.module, *args, **kwargs)
+        # FSDP2 hooks the root's outputs for backward; an in-place op on an output that is a view would drop that
+        # hook (torch warns on every call), so views leave as their own tensors (per-token values: cheap).
+        out = fn(self.module, *args, **kwargs)
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t._is_view() else t, out)
 
 
 class ModelRunner:

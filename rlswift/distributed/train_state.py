@@ -129,6 +129,17 @@ class ShardedState:
             return
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"], options=self._options())
+        self._restore_group_values(state["optimizer"])
+
+    def _restore_group_values(self, optim_sd: dict) -> None:
+        # torch's set_state_dict hands param_group values through its own conversions (a tuple of betas comes back
+        # a list): put back exactly what was saved, as optimizer.load_state_dict does.
+        groups = optim_sd["param_groups"]
+        if len(groups) != len(self.optimizer.param_groups):
+            raise KeyError(f"the optimizer state has {len(groups)} parameter groups, this run's optimizer "
+                           f"{len(self.optimizer.param_groups)}")
+        for live, saved in zip(self.optimizer.param_groups, groups):
+            live.update({k: v for k, v in saved.items() if k != "params"})
 
     def load_one_process(self, model_sd: dict[str, torch.Tensor], optim_sd: dict | None) -> None:
         """Load the one-process checkpoint format (`ModelHook` tensors and ``optimizer.state_dict()``) into a model
@@ -144,6 +155,7 @@ class ShardedState:
             return
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"], options=self._options(full=True))
+        self._restore_group_values(state["optimizer"])
 
 
 def optimizer_by_name(optim_sd: dict, names: list[str]) -> dict:
