@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 with reference_logprobs_context(model):
                     chosen, rejected, _ = run(sequence_logps, batch)
-        run.release()
+                    run.release()  # adapters come back on at exit: on the sharded parameters (see grpo.py)
         return chosen, rejected
 
     if info.is_main:

@@ -387,6 +387,9 @@ def frozen_logprobs(run, ref_run, batch: GenerationBatch, cfg: GRPOConfig, devic
             else:
                 with reference_logprobs_context(run.model):
                     ref = batch_logprobs(run, batch, rows, cfg, device, shared_prompt=shared).cpu()
+                    # peft switches the adapters' requires_grad back on when the context exits: that must reach
+                    # FSDP2's sharded parameters, not gathered copies about to be freed.
+                    run.release()
             batch.ref_logprobs = gather_rows(ref, info)
     run.release()
     if ref_run is not None:
