@@ -307,8 +307,10 @@ def progress_bar(enabled: bool, total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
 
-def report_stop(signum: int | None, step: int) -> None:
-    name = signal.Signals(signum).name if signum else "a stop request"
+def report_stop(signum: int | None, step: int, elsewhere: bool = False) -> None:
+    """The stop line; ``elsewhere``: this rank got no signal itself (another rank did, and every rank stopped)."""
+    name = "a stop signal to another rank" if elsewhere else (signal.Signals(signum).name if signum
+                                                               else "a stop request")
     print(f"rlswift: stopped by {name} after step {step}; checkpoint saved; resume with resume=auto",
           file=sys.stderr, flush=True)
 

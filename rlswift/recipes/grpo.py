@@ -659,8 +659,8 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(1)
             if stop_now:
                 ckpt.wait()  # an async save must be on disk before we say so
-                if info.is_main:
-                    report_stop(stop.signum, step)
+                if stop.requested or info.is_main:
+                    report_stop(stop.signum, step, elsewhere=not stop.requested)
                 break
     if bar is not None:
         bar.close()
