@@ -36,10 +36,10 @@ METRIC_ATOL, METRIC_RTOL = 1e-5, 1e-4
 SAMPLE_KEYS = ("step", "call", "prompt_uid", "sample_idx", "seed", "prompt")  # which samples were drawn, and how
 TOLERANT_HOOKS = ("model", "optimizer")  # what reduction order changes
 TOLERANT_KEYS = ("['old_logprobs']", "['ref_logprobs']")  # policy outputs kept in a buffer (GRPO num_iterations > 1)
-# Metrics that are means over each micro-batch (GRPO's clip ratios, entropy, KL over a micro-batch's tokens): with W
-# ranks there are W x A micro-batches of 1/W the rows, so they equal one process's with W x A accumulation steps,
-# not with A. Across world sizes they are not compared.
-PARTITION_METRICS = ("entropy", "clip_ratio/", "kl")
+# Metrics that are means over each micro-batch's tokens (GRPO's clip ratios, entropy, KL; DPO's logits/*), averaged
+# over micro-batches: with W ranks there are W x A micro-batches of 1/W the rows, so they equal one process's with
+# W x A accumulation steps, not with A. Across world sizes they are not compared.
+PARTITION_METRICS = ("entropy", "clip_ratio/", "kl", "logits/")
 
 
 @dataclass
