@@ -20,7 +20,8 @@ import torch
 from rlswift.checkpoint.reader import (CheckpointError, is_multi_rank, load_hook_state, read_checkpoint, read_manifest,
                                        verify)
 
-__all__ = ["Difference", "compare_states", "read_hook_states", "inspect_checkpoint", "diff_checkpoints"]
+__all__ = ["Difference", "compare_states", "read_hook_states", "read_hook_state", "inspect_checkpoint",
+           "diff_checkpoints"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,23 @@ def read_hook_states(path: str | os.PathLike, check: bool = True) -> dict[str, A
     if check:
         return read_checkpoint(p, context="cannot read {path}").states  # each file read once
     return {name: load_hook_state(p, name, manifest) for name in manifest["hooks"]}
+
+
+def read_hook_state(path: str | os.PathLike, name: str, check: bool = True) -> Any:
+    """One hook's saved state, as `read_hook_states` shows it (a checkpoint of several ranks: "model" and
+    "optimizer" come from its sharded "train_state", whole tensors). KeyError naming the saved hooks when absent."""
+    p = Path(path)
+    manifest = read_manifest(p)
+    if not is_multi_rank(manifest):
+        if name not in manifest["hooks"]:
+            raise KeyError(f"{p} has no hook {name!r} (saved: {list(manifest['hooks'])})")
+        if check and (problems := verify(p)):
+            raise CheckpointError(f"cannot read {p}: " + "; ".join(problems))
+        return load_hook_state(p, name, manifest)
+    states = read_hook_states(p, check=check)
+    if name not in states:
+        raise KeyError(f"{p} has no hook {name!r} (saved: {sorted(states)})")
+    return states[name]
 
 
 def _multi_rank_states(p: Path, manifest: dict) -> dict[str, Any]:
