@@ -2,13 +2,14 @@
 SIGTERM and a torchrun restart, resume on another world size (2 -> 1, 1 -> 2) with what is exact and what is within
 tolerance, a rank killed in the middle of a save, SIGTERM to torchrun itself, and verify-resume --nproc.
 
-Launches share work: GRPO 4 (one with a restart inside), DPO 2 verify-resume runs (3 launches each) and 1 more.
+Launches share work: GRPO 5 (one with a restart inside), DPO 2 verify-resume runs (3 launches each) and 1 more.
 About 4 minutes on an idle 2-core machine.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +58,9 @@ def grpo(tmp_path_factory, rlswift_cache):
                              restarts=1)
     # SIGTERM to rank 1 only in step 3: both ranks stop after step 3 and save; then one process resumes (2 -> 1).
     runs["term"] = launch(2, "grpo", root / "two-to-one", GRPO + ["overwrite=true"], rlswift_cache, fault="term@3:1")
+    shutil.copytree(root / "two-to-one", root / "two-to-two")  # the same stopped run, resumed on 2 ranks too
     runs["one"] = launch(1, "grpo", root / "two-to-one", GRPO + ["resume=auto"], rlswift_cache)
+    runs["two"] = launch(2, "grpo", root / "two-to-two", GRPO + ["resume=auto"], rlswift_cache)
     return runs
 
 
@@ -83,6 +86,13 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_one_save(grpo)
             "hooks/train_state.dcp/rank00000.safetensors", "hooks/train_state.dcp/rank00001.safetensors",
             "hooks/train_state.dcp/metadata.json", "hooks/sampler.json"} <= files
     assert not list(run.glob(".tmp-*"))
+
+
+def test_sigterm_then_resume_on_two_ranks_is_exact(grpo):
+    proc = grpo["two"]
+    assert proc.returncode == 0, output(proc)
+    assert f"resumed from {grpo['root'] / 'two-to-two' / 'checkpoint-3'}" in output(proc)
+    compare_runs(grpo["root"] / "ref", grpo["root"] / "two-to-two", 6)
 
 
 def test_two_ranks_to_one_process(grpo):

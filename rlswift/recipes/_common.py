@@ -17,7 +17,7 @@ from rlswift import config as cfglib
 from rlswift.checkpoint import CheckpointManager
 from rlswift.checkpoint.manager import CheckpointError, read_manifest
 from rlswift.distributed import (DistInfo, MainOnly, OneProcessParts, PerRankState, ShardedState, agree,
-                                 broadcast_json, derived_rng_state, grad_norm_value, init_distributed, rank_items,
+                                 derived_rng_state, grad_norm_value, init_distributed, rank_items,
                                  rank_seed)
 from rlswift.errors import RlswiftError
 from rlswift.models.policy import load_policy_state, policy_state_dict
@@ -92,6 +92,10 @@ SHARDABLE_OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused")
 
 def start_distributed(cfg) -> DistInfo:
     """Join torchrun's process group (or stay one process) on the device the config asks for."""
+    from rlswift.models.device import resolve_device
+
+    if cfg.device != "auto":
+        resolve_device(cfg.device)  # a bad name or a missing GPU: the one-process message, before any group
     want = None if cfg.device == "auto" else ("cpu" if cfg.device == "cpu" else "cuda")
     try:
         info = init_distributed(device=want)
@@ -140,10 +144,9 @@ def prepare_run(out: Path, cfg, recipe: str, info: DistInfo):
     it. Returns the lock on rank 0 (keep it for the life of the run), None elsewhere."""
     from rlswift.rundir import prepare_run_dir
 
-    lock = agree(lambda: prepare_run_dir(out, cfg.resume, cfg.overwrite, recipe=recipe) if info.is_main else None,
+    # agree() returns on every rank after rank 0 is done: no rank goes on before the folder is prepared.
+    return agree(lambda: prepare_run_dir(out, cfg.resume, cfg.overwrite, recipe=recipe) if info.is_main else None,
                  info, f"preparing the run folder {out}")
-    broadcast_json(None, info)  # every rank past this point sees the prepared folder
-    return lock
 
 
 def train_state_hooks(model: torch.nn.Module, optimizer, info: DistInfo) -> list[tuple[str, object]]:

@@ -287,12 +287,19 @@ def validate(cfg: GRPOConfig) -> None:
         raise cfglib.ConfigError(f"vllm.gpu_memory_utilization={cfg.vllm.gpu_memory_utilization} must be in (0, 1]")
 
 
-def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: torch.device, rng: RNGState):
-    """The rollout engine, started inside a snapshot of the run's RNG streams (vLLM seeds the global ones)."""
+def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: torch.device, rng: RNGState,
+                 info: DistInfo):
+    """The rollout engine, started inside a snapshot of the run's RNG streams (vLLM seeds the global ones).
+
+    Several ranks: one engine per rank (docs/distributed.md). vLLM runs as an "external launcher" executor: it
+    takes torchrun's process group as its world and this rank's device (cuda:LOCAL_RANK), tensor parallel 1, as
+    TRL's colocate mode does; every rank must start it at the same point (it makes process groups)."""
     if cfg.engine == "vllm":
         v = cfg.vllm
         kwargs = {"seed": cfg.seed, "max_num_seqs": v.max_num_seqs, "max_num_batched_tokens": v.max_num_batched_tokens,
                   "enable_sleep_mode": v.enable_sleep_mode, "sync_method": v.sync_method}
+        if info.distributed:
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if device.type == "cuda":  # the memory and CUDA-graph settings of each platform (the engine says what it ignores)
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager)
         else:
@@ -484,11 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     reference = make_reference(model) if cfg.beta > 0 and cfg.lora.rank == 0 else None
-    if cfg.shared_prompt and (why := shared_prompt_fallback_reason(model.train())) and info.is_main:
+    why = shared_prompt_fallback_reason(model.train()) if cfg.shared_prompt else None
+    if why and info.is_main:
         print(f"rlswift grpo: shared_prompt falls back to the per-row forward: {why}", file=sys.stderr, flush=True)
     # Several ranks: FSDP2 shards policy and reference (every forward runs through these runners). The shared-prompt
     # forward needs the layers' gathered weights until its backward, unless checkpointing recomputes them.
-    run = shard_for_calls(model, info, keep_gathered=cfg.shared_prompt and not cfg.gradient_checkpointing)
+    shared_forward = cfg.shared_prompt and why is None
+    run = shard_for_calls(model, info, keep_gathered=shared_forward and not cfg.gradient_checkpointing)
     ref_run = shard_for_calls(reference, info) if reference is not None else None
     arithmetic = cfg.dataset == "arithmetic"
     dataset = load_prompt_dataset(cfg.dataset, num_rows=(cfg.num_prompts or ARITHMETIC_ROWS) if arithmetic else None,
@@ -526,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
 
     t0 = time.perf_counter()
-    engine = start_engine(cfg, model_path, precision.engine_dtype, device, rng)  # one per rank (docs/distributed.md)
+    engine = start_engine(cfg, model_path, precision.engine_dtype, device, rng, info)  # one per rank
     engine_start = time.perf_counter() - t0
     changed_names = changed_engine_names(model)  # LoRA: only the adapted layers change after the first sync
     spec = SamplingSpec(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
