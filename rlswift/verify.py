@@ -92,7 +92,7 @@ def _jsonl_within_tolerance(a: Path, b: Path, what: str, keys: tuple[str, ...] |
     rb = list(read_jsonl(b)) if b.exists() else []
     if len(ra) != len(rb):
         return Check(what, False, f"{len(ra)} lines uninterrupted vs {len(rb)} resumed")
-    worst = 0.0
+    worst, floats = 0.0, False
     skipped: set[str] = set()
     for i, (x, y) in enumerate(zip(ra, rb)):
         ks = [k for k in (keys or sorted(set(x) | set(y))) if k not in IGNORED_METRICS]
@@ -103,9 +103,14 @@ def _jsonl_within_tolerance(a: Path, b: Path, what: str, keys: tuple[str, ...] |
                 return Check(what, False, f"line {i + 1} (step={x.get('step')}): {k} = {x.get(k)!r} vs {y.get(k)!r}")
             if isinstance(x.get(k), float) and isinstance(y.get(k), float):
                 worst = max(worst, abs(x[k] - y[k]))
+                floats = True
     note = f"; not compared (means over micro-batches): {', '.join(sorted(skipped))}" if skipped else ""
+    if not ra:
+        return Check(what, True, "absent in both (recipe writes none)")
+    if not floats or worst == 0.0:
+        return Check(what, True, f"{len(ra)} lines identical{note}")
     return Check(what, True, f"{len(ra)} lines equal within {METRIC_ATOL} + {METRIC_RTOL}*|x| (max |diff| "
-                             f"{worst:.3g}){note}" if ra else "absent in both (recipe writes none)")
+                             f"{worst:.3g}){note}")
 
 
 def _first_jsonl_divergence(a: Path, b: Path, what: str) -> Check:
