@@ -22,7 +22,8 @@ from e2e import REPO, compare_runs, env_for
 
 pytestmark = pytest.mark.slow
 
-GRPO = ["max_steps=6", "save_steps=2", "reward_funcs=[length_penalty]"]  # length_penalty: a gradient every step
+GRPO = ["max_steps=6", "save_steps=2", "reward_funcs=[length_penalty]",  # length_penalty: a gradient every step
+        "vllm.kv_cache_gib=1"]  # two engines on one CI machine
 
 
 def launch(nproc: int, recipe: str, out: Path, args: list[str], cache: Path, fault: str | None = None,
