@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="KILL: SIGKILL mid-step, resume from the last checkpoint; TERM: graceful stop and save")
     v.add_argument("--during-save", action="store_true", help="SIGKILL while a checkpoint is being written")
     v.add_argument("--workdir", default=None, help="where both runs go (default: runs/verify-<recipe>)")
+    v.add_argument("--nproc", type=int, default=1,
+                   help="processes per run: >1 runs the recipe under torchrun (python -m torch.distributed.run "
+                        "--standalone --nproc-per-node N)")
+    v.add_argument("--resume-nproc", type=int, default=None,
+                   help="processes of the resumed run (default: --nproc); another world size compares weights and "
+                        "metrics within tolerance instead of bit for bit")
+    v.add_argument("--rank", type=int, default=None,
+                   help="with --nproc > 1: stop only this rank (default: every rank)")
     v.add_argument("overrides", nargs="*", help="key=value config overrides for both runs")
 
     c = sub.add_parser("ckpt", help="inspect or compare checkpoints")
@@ -78,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = _recipe_of(args.config, args.recipe)
         workdir = Path(args.workdir or f"runs/verify-{recipe}")
         return verify_resume(recipe, args.config, args.overrides, args.steps, args.kill_at, args.kill_seed,
-                             args.signal, args.during_save, workdir)
+                             args.signal, args.during_save, workdir, nproc=args.nproc,
+                             resume_nproc=args.resume_nproc, rank=args.rank)
     if args.command == "ckpt":
         from rlswift.checkpoint.inspect import diff_checkpoints, inspect_checkpoint
 

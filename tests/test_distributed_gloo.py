@@ -337,6 +337,8 @@ def _scenario_main(info, out: Path, model_dir: str, result: dict) -> None:
         result["hooks_2to1_rng_is_rank0s"] = torch.equal(torch.rand(3), expect)
     barrier(info)
 
+    _phase2(info, model_dir, result)
+
     # ---- a SIGTERM to rank 1 only stops both ranks at the end of the same step ----
     stopped_at = None
     with GracefulStop() as stop:
@@ -349,6 +351,87 @@ def _scenario_main(info, out: Path, model_dir: str, result: dict) -> None:
                 save_sharded(ShardedState(model, opt).state_dict(), out / "ck-stop", info)
                 break
     result["stop"] = {"step": stopped_at, "local_signal": stop.requested}
+
+
+def _phase2(info, model_dir: str, result: dict) -> None:
+    """What the recipes use on several ranks: runner + shared-prompt forward, engine weight chunks (LoRA merged on
+    the shards), and a one-process checkpoint loaded into a sharded model and optimizer."""
+    import torch
+
+    from rlswift.algorithms.logprobs import completion_logprobs
+    from rlswift.distributed import (ShardedState, engine_weight_chunks, full_tensor, grad_norm_value, micro_batches,
+                                     rank_rows, shard_for_calls)
+    from rlswift.models.policy import engine_weights, load_policy
+
+    # ---- shared-prompt forward through the runner (layers stay gathered until release), 2 micro-batches ----
+    ids, attn, _mask, adv = _grpo_batch()
+    ids[1:4, :5] = ids[0, :5]  # two groups of 4 rows sharing their prompt
+    ids[5:8, :5] = ids[4, :5]
+    plain = load_policy(model_dir, seed=0).train()
+    popt = torch.optim.AdamW(plain.parameters(), lr=LR, fused=True)
+    model = load_policy(model_dir, seed=0).train()
+    run = shard_for_calls(model, info, keep_gathered=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+    diffs = []
+    for _ in range(2):  # two optimizer steps: the second runs on the weights the first updated
+        for mb in micro_batches(rank_rows(8, info, 2), 2):
+            lp = run(completion_logprobs, ids[mb], attn[mb], 6, shared_prompt=True)
+            ((lp * adv[mb, None]).sum() / 8).backward()
+        run.release()
+        ((completion_logprobs(plain, ids, attn, 6) * adv[:, None]).sum() / 8).backward()
+        gmax = max(float(p.grad.abs().max()) for p in plain.parameters())
+        gdiff = max(float((full_tensor(a.grad) - b.grad).abs().max()) for a, b in zip(model.parameters(),
+                                                                                      plain.parameters()))
+        norms = (grad_norm_value(torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)),
+                 float(torch.nn.utils.clip_grad_norm_(list(plain.parameters()), 1.0)))
+        opt.step()
+        popt.step()
+        opt.zero_grad()
+        popt.zero_grad()
+        diffs.append({"grad_rel_diff": gdiff / gmax, "norms": norms})
+    wdiff = max(float((full_tensor(a.detach()) - b.detach()).abs().max()) for a, b in zip(model.parameters(),
+                                                                                          plain.parameters()))
+    result["shared_runner"] = {"steps": diffs, "weight_diff": wdiff}
+
+    # ---- engine weights of a sharded LoRA policy, one decoder layer at a time, merged on the shards ----
+    def lora_policy():
+        m = load_policy(model_dir, seed=0, lora_rank=4, lora_alpha=8)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.linspace(-0.02, 0.03, p.numel()).view_as(p))  # a non-zero adapter
+        return m
+
+    lplain, lsharded = lora_policy(), lora_policy()
+    shard_for_calls(lsharded, info)
+    want = dict(engine_weights(lplain))
+    chunks = list(engine_weight_chunks(lsharded))
+    got = [x for c in chunks for x in c]
+    result["engine_chunks"] = {
+        "names": [n for n, _ in got] == [n for n in want if n != "lm_head.weight"],
+        "exact": all(torch.equal(t, want[n]) for n, t in got),
+        "max_diff": max(float((t - want[n]).abs().max()) for n, t in got),
+        "merged_moved": any(float((want[n] - p.detach()).abs().max()) > 0 for n, p in load_policy(
+            model_dir, seed=0).named_parameters() if n in want and "q_proj.weight" in n),
+        "chunks": len(chunks)}
+
+    # ---- a one-process checkpoint (ModelHook + optimizer.state_dict()) into a sharded model: bit for bit ----
+    src = load_policy(model_dir, seed=0).train()
+    sopt = torch.optim.AdamW(src.parameters(), lr=LR, fused=True)
+    (completion_logprobs(src, ids, attn, 6) * adv[:, None]).sum().backward()
+    sopt.step()
+    dst = load_policy(model_dir, seed=3).train()
+    shard_for_calls(dst, info)
+    dopt = torch.optim.AdamW(dst.parameters(), lr=LR * 2, fused=True)
+    state = ShardedState(dst, dopt)
+    state.load_one_process({n: p.detach() for n, p in src.named_parameters()}, sopt.state_dict())
+    gathered = state.state_dict()
+    ok_model = all(torch.equal(full_tensor(gathered["model"][n]), p.detach()) for n, p in src.named_parameters())
+    names = state.optimizer_names()
+    ok_optim = all(torch.equal(full_tensor(gathered["optimizer"]["state"][names[i]][k]), v)
+                   for i, st in sopt.state_dict()["state"].items() for k, v in st.items())
+    result["one_to_sharded"] = {"model": ok_model, "optimizer": ok_optim, "lr": dopt.param_groups[0]["lr"],
+                                "betas_tuple": isinstance(dopt.param_groups[0]["betas"], tuple)}
 
 
 def _scenario_loop(info, out: Path, model_dir: str, result: dict) -> None:
@@ -491,6 +574,27 @@ def test_manager_protocol_writes_one_verifiable_manifest_and_reads_back(runs):
     for r in (r0, r1):
         assert r["hooks_rng_restored"] is True and r["hooks_weights_exact"] is True and r["hooks_progress"] == 4
     assert r0["hooks_2to1_rng_is_rank0s"] is True
+
+
+def test_shared_prompt_runner_matches_one_process_over_two_steps(runs):
+    for r in runs["main"]:
+        c = r["shared_runner"]
+        for step in c["steps"]:
+            assert step["grad_rel_diff"] <= GRAD_RTOL, c
+            assert abs(step["norms"][0] - step["norms"][1]) <= 1e-5 * step["norms"][1], c
+        assert c["weight_diff"] <= 2 * WEIGHT_ATOL, c  # two AdamW steps
+
+
+def test_engine_weight_chunks_of_a_sharded_lora_policy_are_the_merged_weights(runs):
+    for r in runs["main"]:
+        c = r["engine_chunks"]
+        assert c["names"] is True and c["merged_moved"] is True and c["chunks"] == 4
+        assert c["max_diff"] <= 1e-6, c  # the merge runs on shards (DTensor matmul): equal up to rounding
+
+
+def test_one_process_checkpoint_loads_into_a_sharded_model_bit_for_bit(runs):
+    for r in runs["main"]:
+        assert r["one_to_sharded"] == {"model": True, "optimizer": True, "lr": LR, "betas_tuple": True}
 
 
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(runs):

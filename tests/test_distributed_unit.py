@@ -374,3 +374,119 @@ def test_main_only_hooks_are_loaded_on_rank_0_only(tmp_path):
     read_hooks(tmp_path / "ck", manifest, {"metrics_log": MainOnly(log)}, fake(0, 2))
     assert (tmp_path / "metrics.jsonl").read_bytes() == b'{"step":1}\n'
     log.close()
+
+
+# ------------------------------------------------------------------------------------------- phase 2: recipes
+def _cfg(**kw):
+    from types import SimpleNamespace
+
+    from rlswift.recipes._common import OptimizerConfig
+
+    return SimpleNamespace(async_save=kw.get("async_save", False),
+                           optimizer=OptimizerConfig(name=kw.get("optimizer", "adamw")))
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "adamw_bnb_8bit", "galore_adamw", "galore_adamw_8bit",
+                                  "q_galore_adamw_8bit"])
+def test_optimizers_that_cannot_step_on_shards_are_refused_on_several_ranks(name):
+    from rlswift.config import ConfigError
+    from rlswift.recipes._common import check_distributed
+
+    check_distributed(_cfg(optimizer=name), single_process(), {})  # one process: anything goes
+    with pytest.raises(ConfigError, match=rf"optimizer.name='{name}' cannot run on 2 ranks: .* Use "
+                                          r"optimizer.name=adamw"):
+        check_distributed(_cfg(optimizer=name), fake(0, 2), {})
+    for ok in ("adamw", "adamw_torch", "adamw_torch_fused", "my_pkg.make_optimizer"):  # a dotted path: the user's
+        check_distributed(_cfg(optimizer=ok), fake(1, 2), {})
+
+
+def test_async_save_and_uneven_splits_are_refused_on_several_ranks(tmp_path):
+    from rlswift.checkpoint import CheckpointManager
+    from rlswift.config import ConfigError
+    from rlswift.recipes._common import check_distributed
+
+    with pytest.raises(ConfigError, match="async_save=true is not supported with 2 ranks"):
+        check_distributed(_cfg(async_save=True), fake(0, 2), {})
+    with pytest.raises(CheckpointError, match="async_save=true is not supported with 2 ranks"):
+        CheckpointManager(tmp_path, async_save=True, info=fake(0, 2))
+    with pytest.raises(ConfigError, match=r"prompts_per_step=3 does not split into 2 ranks x 1 micro-batches.*"
+                                          r"multiple of 2 \(e.g. \[2, 4, 6\]\)"):
+        check_distributed(_cfg(), fake(0, 2), {"prompts_per_step": (3, 1)})
+    with pytest.raises(ConfigError, match="batch_size=4 does not split into 2 ranks x 4 micro-batches"):
+        check_distributed(_cfg(), fake(0, 2), {"batch_size": (4, 4)})
+    check_distributed(_cfg(), fake(0, 2), {"batch_size": (8, 4)})
+
+
+def test_faults_target_a_rank_and_never_fire_after_a_torchrun_restart(monkeypatch):
+    from rlswift.checkpoint.writer import fault_requested
+
+    monkeypatch.setenv("RLSWIFT_FAULT", "kill@3,term@5:1,kill-in-save@4:0")
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert fault_requested("kill", 3, 0) and fault_requested("kill", 3, 1)  # no rank: every rank
+    assert not fault_requested("kill", 4, 0) and not fault_requested("term", 3, 0)
+    assert fault_requested("term", 5, 1) and not fault_requested("term", 5, 0)
+    assert fault_requested("kill-in-save", 4, 0) and not fault_requested("kill-in-save", 4, 1)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the restarted group goes on
+    assert not fault_requested("kill", 3, 0)
+
+
+def test_optimizer_state_by_name_and_by_index_round_trip():
+    from rlswift.checkpoint.inspect import compare_states
+    from rlswift.distributed import one_process_parts, optimizer_by_index, optimizer_by_name
+
+    net, opt = _trained()
+    names = [n for n, _ in net.named_parameters()]
+    one = opt.state_dict()
+    by_name = optimizer_by_name(one, names)
+    assert list(by_name["state"]) == names and by_name["param_groups"][0]["params"] == names
+    assert compare_states({"o": optimizer_by_index(by_name)}, {"o": one}) == []
+    # The sharded hook's state is keyed by name; its one-process view is what the one-process hooks save.
+    sharded = ShardedState(net, opt).state_dict()
+    assert compare_states(one_process_parts(sharded), {"model": {n: p.detach() for n, p in net.named_parameters()},
+                                                       "optimizer": one}
+                          ) == []
+    with pytest.raises(KeyError, match="the optimizer state has 4 parameters, this run's optimizer 3"):
+        optimizer_by_name(one, names[:3])
+
+
+def test_read_sharded_full_assembles_whole_tensors_without_a_process_group(tmp_path):
+    from rlswift.checkpoint.inspect import compare_states
+    from rlswift.distributed import read_sharded_full
+
+    net, opt = _trained()
+    state = ShardedState(net, opt).state_dict()
+    save_sharded(state, tmp_path)
+    assert compare_states({"s": read_sharded_full(tmp_path)}, {"s": state}) == []
+
+
+def test_one_process_runner_is_a_plain_call_and_chunks_are_the_engine_weights(tiny_model_dir):
+    from rlswift.distributed import engine_weight_chunks, shard_for_calls
+    from rlswift.models.policy import engine_weights, load_policy
+
+    model = load_policy(tiny_model_dir, lora_rank=4, seed=0)
+    run = shard_for_calls(model, single_process(), keep_gathered=True)
+    assert not run.sharded and run(lambda m, x: (m, x), 3) == (model, 3)
+    run.release()  # a no-op for one process
+    chunks = list(engine_weight_chunks(model))
+    want = [(n, t) for n, t in engine_weights(model) if n != "lm_head.weight"]  # the tied head: sent once
+    assert [n for c in chunks for n, _ in c] == [n for n, _ in want]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip([x for c in chunks for x in c], want))
+    # One chunk per decoder layer (fused q/k/v and gate/up stay together), the rest outside them.
+    assert [sorted({n.split(".")[2] for n, _ in c if ".layers." in n}) for c in chunks] == [[], ["0"], ["1"], []]
+    changed = {"model.layers.1.self_attn.q_proj.weight"}
+    assert [[n for n, _ in c][0] for c in engine_weight_chunks(model, changed)] == [
+        "model.layers.1.self_attn.q_proj.weight"]
+
+
+def test_shared_prompt_path_is_agreed_for_every_rank():
+    from rlswift.recipes._ranks import shared_prompt_agreed
+
+    # 8 rows: prompts [a a a a | b b b c] (columns 0-2), completions after; T = 2.
+    ids = torch.tensor([[1, 2, 3, 9, 9]] * 4 + [[4, 5, 6, 9, 9]] * 3 + [[7, 8, 9, 9, 9]])
+    mask = torch.ones_like(ids)
+    # 2 ranks, 1 micro-batch: rank 0 rows 0-3 (a a a a), rank 1 rows 4-7 (b b b c): both repeat a prompt.
+    assert shared_prompt_agreed(ids, mask, 2, fake(0, 2), 0, 1) is True
+    # 2 micro-batches each: rank 1's second one holds rows 6-7 (b c): no repeat there -> every rank plain.
+    assert shared_prompt_agreed(ids, mask, 2, fake(0, 2), 1, 2) is False
+    assert shared_prompt_agreed(ids, mask, 2, fake(1, 2), 0, 2) is True
+    assert shared_prompt_agreed(ids, mask, 4, fake(0, 2), 0, 1) is False  # a one-token prompt: nothing shared

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlswift.checkpoint.reader import CheckpointError, load_hook_state, read_checkpoint, read_manifest, verify
+from rlswift.checkpoint.reader import (CheckpointError, is_multi_rank, load_hook_state, read_checkpoint, read_manifest,
+                                       verify)
 
-__all__ = ["Difference", "compare_states", "read_hook_states", "inspect_checkpoint", "diff_checkpoints"]
+__all__ = ["Difference", "compare_states", "read_hook_states", "read_hook_state", "inspect_checkpoint",
+           "diff_checkpoints"]
 
 
 @dataclass(frozen=True)
@@ -129,12 +131,61 @@ def read_hook_states(path: str | os.PathLike, check: bool = True) -> dict[str, A
     """Decode every hook's saved state of the checkpoint at `path` without hook objects.
 
     check: verify sizes and checksums first (raises CheckpointError on any problem).
+    A checkpoint of several ranks is shown as one process holds it, so checkpoints of any world size compare:
+    the sharded policy + optimizer hook ("train_state") as "model" ({name: whole tensor}) and "optimizer"
+    (``optimizer.state_dict()`` numbering), a per-rank hook as rank 0's state under its name and rank r's under
+    "{name}[rank r]".
     """
     p = Path(path)
+    manifest = read_manifest(p)
+    if is_multi_rank(manifest):
+        if check and (problems := verify(p)):
+            raise CheckpointError(f"cannot read {p}: " + "; ".join(problems))
+        return _multi_rank_states(p, manifest)
     if check:
         return read_checkpoint(p, context="cannot read {path}").states  # each file read once
-    manifest = read_manifest(p)
     return {name: load_hook_state(p, name, manifest) for name in manifest["hooks"]}
+
+
+def read_hook_state(path: str | os.PathLike, name: str, check: bool = True) -> Any:
+    """One hook's saved state, as `read_hook_states` shows it (a checkpoint of several ranks: "model" and
+    "optimizer" come from its sharded "train_state", whole tensors). KeyError naming the saved hooks when absent."""
+    p = Path(path)
+    manifest = read_manifest(p)
+    if not is_multi_rank(manifest):
+        if name not in manifest["hooks"]:
+            raise KeyError(f"{p} has no hook {name!r} (saved: {list(manifest['hooks'])})")
+        if check and (problems := verify(p)):
+            raise CheckpointError(f"cannot read {p}: " + "; ".join(problems))
+        return load_hook_state(p, name, manifest)
+    states = read_hook_states(p, check=check)
+    if name not in states:
+        raise KeyError(f"{p} has no hook {name!r} (saved: {sorted(states)})")
+    return states[name]
+
+
+def _multi_rank_states(p: Path, manifest: dict) -> dict[str, Any]:
+    from rlswift.checkpoint.writer import hook_file_stem
+    from rlswift.distributed import DistInfo, load_rank_state, read_sharded_full, saved_world_size, sharded_subdir
+    from rlswift.distributed.train_state import one_process_parts
+
+    out: dict[str, Any] = {}
+    for name, rels in manifest["hooks"].items():
+        stem = hook_file_stem(name)
+        if any(r.startswith(sharded_subdir(stem) + "/") for r in rels):
+            state = read_sharded_full(p, sharded_subdir(stem))
+            if isinstance(state, dict) and "model" in state and set(state) <= {"model", "optimizer"}:
+                out.update(one_process_parts(state))
+            else:
+                out[name] = state
+        elif any(f"hooks/{stem}.rank" in r for r in rels):
+            world = saved_world_size(manifest["files"], stem)
+            for r in range(world):
+                info = DistInfo(r, world, r, torch.device("cpu"), r == 0)
+                out[name if r == 0 else f"{name}[rank {r}]"] = load_rank_state(p, stem, info, world)
+        else:
+            out[name] = load_hook_state(p, name, manifest)
+    return out
 
 
 def _human(n: int) -> str:

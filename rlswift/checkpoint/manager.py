@@ -8,9 +8,12 @@ Layout of one checkpoint (`root/checkpoint-{step}/`):
 the best one's (hints for humans and tools: `resolve_resume("auto")` does not trust them; it verifies).
 The write protocol is in writer.py; docs/checkpoints.md describes it with the async and mirror paths.
 
-Multi-rank (not built yet; the manifest already records `world_size` and `rank`): each rank would write
-`hooks/{name}.rank{r:05d}-of-{w:05d}.json|.safetensors` into the same tmp folder, rank 0 writing the manifest
-after a barrier; `hooks` then lists every rank's files.
+Several ranks (torchrun; `info.world_size > 1`): `save` and `read_resume`/`load` are collectives. Every rank writes
+its files into ONE tmp folder (sharded hooks through DCP, per-rank hooks per rank, replicated ones by rank 0; see
+distributed/hooks_io.py); rank 0 writes the one manifest (`world_size` = the number of ranks) after every rank's
+files are fsynced, commits, moves `latest`/`best`, applies retention and feeds the mirror; no rank returns from
+`save` before the commit. A checkpoint of several ranks loads on any world size (also in one process).
+docs/distributed.md has the protocol.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -28,11 +32,12 @@ import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
-from rlswift.checkpoint.reader import (FORMAT_VERSION, MANIFEST, CheckpointError, LoadedCheckpoint,
+from rlswift.checkpoint.reader import (FORMAT_VERSION, MANIFEST, CheckpointError, LoadedCheckpoint, is_multi_rank,
                                        load_hook_state, read_checkpoint, read_manifest, verify)
 from rlswift.checkpoint.retention import best_checkpoint, select_deletions
-from rlswift.checkpoint.writer import (Stager, commit, encode_hooks, fsync_path, hook_file_stem, is_disk_full,
-                                       optimizer_storages, plain_json, read_pointer, write_pointer, write_tmp)
+from rlswift.checkpoint.writer import (Stager, commit, encode_hooks, fault_requested, fsync_path, hook_file_stem,
+                                       is_disk_full, optimizer_storages, plain_json, read_pointer, write_manifest,
+                                       write_pointer, write_tmp)
 
 # The read side lives in reader.py; it is re-exported here so `from rlswift.checkpoint.manager import
 # read_manifest` (recipes, scripts) keeps working.
@@ -84,17 +89,27 @@ class CheckpointManager:
       in the background (manifest last) and `resolve_resume("auto")` falls back to it. `mirror_options` go to
       fsspec (e.g. endpoint_url, key, secret); `mirror_files` are glob patterns of run files (logs) uploaded
       after each checkpoint and restored with it.
+    info: the process's `distributed.DistInfo` (None: one process). With several ranks every rank makes a manager
+      on the same root and calls `save`/`read_resume`/`load` at the same points; only rank 0 touches pointers,
+      retention and the mirror. `async_save` is refused there (a save is collective and blocking).
     """
 
     def __init__(self, root: str | os.PathLike, save_total_limit: int | None = None,
                  best_metric: str | None = None, best_mode: str = "max",
                  protect: str | os.PathLike | None = None, async_save: bool = False,
                  mirror_to: str | None = None, mirror_options: Mapping[str, Any] | None = None,
-                 mirror_files: tuple[str, ...] = ("*.jsonl",)) -> None:
+                 mirror_files: tuple[str, ...] = ("*.jsonl",), info: Any = None) -> None:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         if save_total_limit is not None and save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 or None, got {save_total_limit}")
+        self.info = info
+        self.ranks = int(getattr(info, "world_size", 1))
+        self.is_main = bool(getattr(info, "is_main", True))
+        if self.ranks > 1 and async_save:
+            raise CheckpointError(
+                f"async_save=true is not supported with {self.ranks} ranks: a save there is a collective of every "
+                "rank that returns once the checkpoint is committed. Set async_save=false (a resume may change it)")
         self.root = Path(root)
         self.save_total_limit = save_total_limit
         self.best_metric = best_metric
@@ -108,7 +123,7 @@ class CheckpointManager:
         self._resolved: LoadedCheckpoint | None = None
         self._lock = threading.Lock()  # retention vs. the mirror's choice of what to upload
         self.mirror = None
-        if mirror_to:
+        if mirror_to and self.is_main:  # with several ranks only rank 0 uploads (after each commit)
             from rlswift.checkpoint.mirror import Mirror
 
             self.mirror = Mirror(mirror_to, options=mirror_options, run_files=mirror_files, lock=self._lock,
@@ -156,6 +171,13 @@ class CheckpointManager:
         config = plain_json(config, f"config of checkpoint-{step}")
         metrics = plain_json(metrics or {}, f"metrics of checkpoint-{step}")
         items = list(hooks.items())  # any object with .items() (e.g. a StateRegistry) works
+        if self.ranks > 1:
+            if not blocking:
+                raise CheckpointError("a save of several ranks is blocking (async_save is refused there)")
+            t0 = time.perf_counter()
+            final = self._save_ranks(step, items, config, metrics)
+            self.last_save = {"stall": time.perf_counter() - t0, "write": time.perf_counter() - t0}
+            return final
         self.root.mkdir(parents=True, exist_ok=True)
         self._cleanup_stale()
         name = f"checkpoint-{step}"
@@ -191,6 +213,59 @@ class CheckpointManager:
                           "live_bytes": float(self._stager.live_bytes), "fence_wait": 0.0}
         job.thread.start()
         return self.root / name
+
+    def _save_ranks(self, step: int, items: list, config: Any, metrics: Any) -> Path:
+        """The collective save of several ranks (see the module doc); returns the committed folder."""
+        from rlswift.distributed.hooks_io import agree, write_hooks
+        from rlswift.distributed.launch import broadcast_json
+
+        info, name = self.info, f"checkpoint-{step}"
+        final = self.root / name
+
+        def prepare() -> str | None:
+            if not self.is_main:
+                return None
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._cleanup_stale()
+            tmp = self.root / f".tmp-{name}-{os.getpid()}"  # rank 0's pid: one folder for every rank
+            tmp.mkdir()
+            return str(tmp)
+
+        tmp = Path(broadcast_json(agree(prepare, info, f"preparing {name}"), info))
+        kill_after = max(1, len(items) // 2) if fault_requested("kill-in-save", step, info.rank) else None
+
+        def after_hook(i: int) -> None:
+            if kill_after is not None and i + 1 >= kill_after:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: one rank dies mid-save
+
+        def finish(hook_files: dict, files: dict) -> None:
+            if not self.is_main:
+                return
+            write_manifest(tmp, step, config, metrics, hook_files, files, world_size=info.world_size)
+            commit(tmp, final)
+            write_pointer(self.root, LATEST, name)
+            self._retention(final)
+
+        try:
+            hook_files, files = write_hooks(tmp, dict(items), info, after_hook=after_hook)
+            # Rank 0 commits while the others wait here: no rank starts the next step (or exits) before it is done.
+            agree(lambda: finish(hook_files, files), info, f"committing {name}")
+        except BaseException as e:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e):
+                raise CheckpointError(
+                    f"disk full while writing {name} under {self.root} ({e}); the previous checkpoints are "
+                    "untouched. Free disk space, lower save_total_limit, or point output_dir elsewhere") from e
+            if isinstance(e, OSError):
+                raise CheckpointError(f"cannot write {name} under {self.root}: {e}; the previous checkpoints "
+                                      "are untouched") from e
+            raise
+        if self.mirror is not None:
+            self.mirror.submit(final)
+        return final
 
     def _fence(self, opt) -> None:
         """Make `opt.step()` wait until the in-flight save has written the optimizer's live tensors (once per
@@ -277,7 +352,7 @@ class CheckpointManager:
 
     def _cleanup_stale(self) -> None:
         # Removes leftovers of interrupted saves/deletions of any process; one writer per root is assumed
-        # (world_size 1; with several ranks only rank 0 would clean). A crash between the two renames of the
+        # (with several ranks only rank 0 cleans). A crash between the two renames of the
         # non-atomic replace fallback leaves the valid old copy in .tmp-replaced-: put it back first.
         for d in self.root.iterdir():
             if d.name.startswith(".tmp-replaced-"):
@@ -332,6 +407,8 @@ class CheckpointManager:
         """
         hooks = dict(hooks.items())  # any object with .items() (e.g. a StateRegistry) works
         p, manifest = loaded.path, loaded.manifest
+        if not loaded.decoded:
+            return self._apply_ranks(loaded, hooks, strict)
         saved, registered = list(manifest["hooks"]), list(hooks)
         missing = [n for n in registered if n not in manifest["hooks"]]
         unexpected = [n for n in saved if n not in hooks]
@@ -352,6 +429,37 @@ class CheckpointManager:
         self.protect = p
         return manifest
 
+    def _apply_ranks(self, loaded: LoadedCheckpoint, hooks: dict, strict: bool) -> dict:
+        """`apply` for a checkpoint of several ranks, or on several ranks: each hook read by its kind (sharded
+        state resharded, per-rank state remapped; distributed/hooks_io.py). A collective with several ranks."""
+        from rlswift.distributed.hooks_io import read_hooks
+        from rlswift.distributed.launch import single_process
+
+        saved = loaded.manifest["hooks"]
+        if not strict:
+            skipped = sorted(set(hooks) ^ set(saved))
+            if skipped:
+                warnings.warn(f"checkpoint {loaded.path}: hooks {skipped} are registered or saved but not both; "
+                              "skipping them (strict=False)", stacklevel=3)
+            hooks = {n: h for n, h in hooks.items() if n in saved}
+            manifest = {**loaded.manifest, "hooks": {n: f for n, f in saved.items() if n in hooks}}
+        else:
+            manifest = loaded.manifest
+        read_hooks(loaded.path, manifest, hooks, self.info if self.ranks > 1 else single_process())
+        self.protect = loaded.path
+        return loaded.manifest
+
+    def _read_candidate(self, p: Path, context: str | None) -> LoadedCheckpoint:
+        """Verify a checkpoint; decode it too unless it is read hook by hook when applied (several ranks)."""
+        if self.ranks > 1 or (p / MANIFEST).is_file() and is_multi_rank(read_manifest(p)):
+            m = read_manifest(p)
+            problems = verify(p)
+            if problems:
+                prefix = context.format(path=p) + ": " if context else ""
+                raise CheckpointError(prefix + "; ".join(problems))
+            return LoadedCheckpoint(p, m, {}, decoded=False)
+        return read_checkpoint(p, context=context)
+
     def load(self, path: str | os.PathLike, hooks: Mapping[str, Any], strict: bool = True) -> dict:
         """Verify `path` completely, decode every hook's state, then call each hook's load_state_dict.
 
@@ -361,7 +469,7 @@ class CheckpointManager:
         p = Path(path)
         loaded, self._resolved = self._resolved, None
         if loaded is None or loaded.path != p:
-            loaded = read_checkpoint(p)
+            loaded = self._read_candidate(p, "cannot load {path}")
         protect = self.protect
         manifest = self.apply(loaded, hooks, strict)
         self.protect = protect  # load() never changed protection; resolve_resume/apply do
@@ -378,6 +486,14 @@ class CheckpointManager:
         self._wait_save()
         if resume is None:
             return None
+        if self.ranks > 1:
+            return self._read_resume_ranks(resume)
+        loaded = self._find(resume)
+        if loaded is not None:
+            self.protect = loaded.path
+        return loaded
+
+    def _find(self, resume: str | os.PathLike) -> LoadedCheckpoint | None:
         if str(resume) == "auto":
             loaded = self._auto()
         else:
@@ -388,10 +504,28 @@ class CheckpointManager:
             if p.is_dir() and not (p / MANIFEST).exists() and any(CKPT_RE.match(c.name) for c in p.iterdir()):
                 raise CheckpointError(f"{p} is an output folder, not a checkpoint; pass one of its checkpoint-* "
                                       "folders or resume='auto'")
-            loaded = read_checkpoint(p, context="cannot resume from {path}")
-        if loaded is not None:
-            self.protect = loaded.path
+            loaded = self._read_candidate(p, "cannot resume from {path}")
         return loaded
+
+    def _read_resume_ranks(self, resume: str | os.PathLike) -> LoadedCheckpoint | None:
+        """`read_resume` on several ranks: rank 0 finds and verifies the checkpoint (checksums, once), every rank
+        gets its path; a failure on rank 0 raises on every rank. The hooks are read when applied."""
+        from rlswift.distributed.hooks_io import agree
+        from rlswift.distributed.launch import broadcast_json
+
+        def choose() -> str | None:
+            if not self.is_main:
+                return None
+            loaded = self._find(resume)  # candidates verified only (_read_candidate): ranks read their own parts
+            return None if loaded is None else str(loaded.path)
+
+        path = broadcast_json(agree(choose, self.info, "finding the checkpoint to resume from"), self.info)
+        if path is None:
+            return None
+        p = Path(path)
+        self.protect = p
+        return LoadedCheckpoint(p, read_manifest(p), {}, decoded=False)
+
 
     def _auto(self) -> LoadedCheckpoint | None:
         local = {s: d for s, d in self.checkpoints()}
@@ -407,7 +541,7 @@ class CheckpointManager:
         for step in sorted(set(local) | set(remote), reverse=True):
             if step in local:
                 try:
-                    return read_checkpoint(local[step], context=None)
+                    return self._read_candidate(local[step], None)
                 except CheckpointError as e:
                     warnings.warn(f"resume='auto': skipping {local[step]}: {e}", stacklevel=3)
             if step in remote:
@@ -426,7 +560,7 @@ class CheckpointManager:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             self.mirror.download(name, tmp)
-            loaded = read_checkpoint(tmp, context=None)
+            loaded = self._read_candidate(tmp, None)
             commit(tmp, self.root / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

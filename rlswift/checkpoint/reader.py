@@ -20,8 +20,8 @@ import orjson
 from rlswift.checkpoint.codec import CodecError, decode
 from rlswift.checkpoint.tensorfile import WORKERS, Hasher, read_hashed, read_tensors
 
-__all__ = ["CheckpointError", "FORMAT_VERSION", "MANIFEST", "LoadedCheckpoint", "read_manifest", "verify",
-           "read_checkpoint", "load_hook_state", "sha256_file"]
+__all__ = ["CheckpointError", "FORMAT_VERSION", "MANIFEST", "LoadedCheckpoint", "read_manifest", "is_multi_rank",
+           "verify", "read_checkpoint", "load_hook_state", "sha256_file"]
 
 # 1: one hooks/{stem}.safetensors per hook. 2: a hook's tensors may be split over several files
 # (hooks/{stem}.safetensors, hooks/{stem}@1.safetensors, ...). Both are read; older readers refuse 2 by name.
@@ -40,6 +40,7 @@ class LoadedCheckpoint:
     path: Path
     manifest: dict
     states: dict[str, Any]  # hook name -> the object its state_dict() returned when saved
+    decoded: bool = True  # False: verified only; its hooks are read when applied (a checkpoint of several ranks)
 
     @property
     def step(self) -> int:
@@ -51,6 +52,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     h = Hasher()
     read_hashed(path, os.path.getsize(path), h, keep=False)
     return h.hexdigest()
+
+
+def is_multi_rank(manifest: dict) -> bool:
+    """True when a checkpoint was written by several ranks (sharded and per-rank hook files; see distributed/)."""
+    return int(manifest.get("world_size") or 1) > 1
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

@@ -33,8 +33,9 @@ from rlswift.checkpoint.codec import CodecError, encode
 from rlswift.checkpoint.reader import FORMAT_VERSION, MANIFEST, CheckpointError
 from rlswift.checkpoint.tensorfile import WORKERS, Hasher, shards, write_all, write_tensors
 
-__all__ = ["EncodedHook", "Stager", "optimizer_storages", "encode_hooks", "write_tmp", "commit", "write_pointer",
-           "read_pointer", "fsync_path", "is_disk_full", "hook_file_stem", "plain_json"]
+__all__ = ["EncodedHook", "Stager", "optimizer_storages", "encode_hooks", "write_tmp", "write_manifest", "commit",
+           "write_pointer", "read_pointer", "fsync_path", "is_disk_full", "hook_file_stem", "plain_json",
+           "fault_requested"]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,100}$")
 
@@ -205,11 +206,9 @@ def write_tmp(tmp: Path, step: int, encoded: Iterable[EncodedHook], n_hooks: int
     `files_written()` is called once every hook file is written (the tensors are no longer needed).
     `RLSWIFT_FAULT=kill-in-save@{step}` (test hook) SIGKILLs the process once half the hooks are written.
     """
-    global _VERSIONS
     hooks_dir = tmp / "hooks"
     hooks_dir.mkdir(parents=True)
-    faults = os.environ.get("RLSWIFT_FAULT", "").split(",")  # several comma-separated faults; recipes read others
-    kill_after = max(1, n_hooks // 2) if f"kill-in-save@{step}" in faults else None
+    kill_after = max(1, n_hooks // 2) if fault_requested("kill-in-save", step) else None
     files: dict[str, Future] = {}
     hook_files: dict[str, list[str]] = {}
     # Leaving the `with` waits for every started write, also when encoding a later hook failed.
@@ -230,15 +229,37 @@ def write_tmp(tmp: Path, step: int, encoded: Iterable[EncodedHook], n_hooks: int
     done = {rel: f.result() for rel, f in files.items()}  # the first failure is raised here
     if files_written is not None:
         files_written()
+    fsync_path(hooks_dir)
+    write_manifest(tmp, step, config, metrics, hook_files, done)
+
+
+def write_manifest(tmp: Path, step: int, config: Any, metrics: Any, hook_files: dict[str, list[str]],
+                   files: dict[str, dict], world_size: int = 1) -> None:
+    """Step 2 of the protocol: `manifest.json` (every file's size and sha256) written and fsynced LAST, then the
+    folder fsynced. Call it only once every listed file (of every rank) is durable."""
+    global _VERSIONS
     if _VERSIONS is None:
         _VERSIONS = _versions()
     manifest = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(), "versions": _VERSIONS,
-                "world_size": 1, "rank": 0, "config": config, "metrics": metrics or {}, "hooks": hook_files,
-                "files": done}
+                "world_size": world_size, "rank": 0, "config": config, "metrics": metrics or {},
+                "hooks": hook_files, "files": files}
     data = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str)
-    fsync_path(hooks_dir)
     _write_file(tmp / MANIFEST, data)  # last: marks the folder complete
     fsync_path(tmp)
+
+
+def fault_requested(kind: str, step: int, rank: int = 0) -> bool:
+    """Test hook: whether ``RLSWIFT_FAULT`` (comma-separated ``kind@STEP`` or ``kind@STEP:RANK`` items) asks for
+    ``kind`` at ``step`` on this rank. An item without ``:RANK`` applies to every rank. Faults fire in a job's first
+    attempt only: never after a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0), so a restarted run goes on."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
+        return False
+    for item in filter(None, os.environ.get("RLSWIFT_FAULT", "").split(",")):
+        name, _, at = item.partition("@")
+        at, _, only = at.partition(":")
+        if name == kind and at.isdigit() and int(at) == step and (not only or (only.isdigit() and int(only) == rank)):
+            return True
+    return False
 
 
 def _rename_exchange(a: Path, b: Path) -> bool:

@@ -35,7 +35,7 @@ import torch
 from rlswift.distributed.launch import DistInfo
 
 __all__ = ["rank_items", "rank_rows", "micro_batches", "global_sum", "global_max", "grpo_loss_scale",
-           "dpo_loss_scale", "global_mean", "GRPO_NORMALISATION"]
+           "all_gather_rows", "dpo_loss_scale", "global_mean", "GRPO_NORMALISATION"]
 
 # How each built-in GRPO loss type normalises a micro-batch: "global" (by a count given for the whole step),
 # "rows" (by the micro-batch's row count), "tokens" (by the micro-batch's completion tokens).
@@ -129,3 +129,15 @@ def dpo_loss_scale(local_pairs: int, global_pairs: int) -> float:
     if global_pairs < 1:
         raise ValueError(f"global_pairs must be >= 1, got {global_pairs}")
     return local_pairs / global_pairs
+
+
+def all_gather_rows(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every rank's ``t`` (its block of rows, the same shape on every rank) concatenated in rank order: the global
+    batch's rows on every rank, bit for bit. A collective; the identity for one process."""
+    if not info.distributed:
+        return t
+    dev = info.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    local = t.detach().to(dev).contiguous()
+    parts = [torch.empty_like(local) for _ in range(info.world_size)]
+    torch.distributed.all_gather(parts, local)
+    return torch.cat(parts).to(t.device)

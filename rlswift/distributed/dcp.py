@@ -41,7 +41,7 @@ from rlswift.distributed.dcp_storage import (FORMAT, METADATA, SafetensorsReader
                                              write_durable, read_metadata_json)
 from rlswift.distributed.launch import DistInfo, all_gather_json, single_process
 
-__all__ = ["save_sharded", "load_sharded", "sharded_files", "split_tensors", "SafetensorsWriter", "SafetensorsReader",
+__all__ = ["save_sharded", "load_sharded", "read_sharded_full", "sharded_files", "split_tensors", "SafetensorsWriter", "SafetensorsReader",
            "DEFAULT_SUBDIR", "FORMAT"]
 
 DEFAULT_SUBDIR = "dcp"
@@ -195,4 +195,46 @@ def load_sharded(state: dict, folder: str | os.PathLike, info: DistInfo | None =
     restored = decode(doc["tree"], hook=f"{subdir} (sharded)")
     for path, key in zip(paths, saved_keys):
         restored = _put(restored, tuple(path), flat[key])
+    return restored
+
+
+def read_sharded_full(folder: str | os.PathLike, subdir: str = DEFAULT_SUBDIR) -> dict:
+    """The state of a `save_sharded` folder with WHOLE tensors, read in this process without torch.distributed.
+
+    Each tensor is assembled from its chunks (whatever world size wrote them): for inspecting and comparing
+    checkpoints (`rlswift ckpt diff`, verify-resume), and for tools that want the full model in one process.
+    Needs memory for the whole state.
+    """
+    from rlswift.distributed.dcp_storage import _dtype
+
+    import safetensors
+
+    src = Path(folder) / subdir
+    skel_path = src / SKELETON
+    if not skel_path.is_file():
+        raise CheckpointError(f"{skel_path} is missing: not a complete rlswift sharded state")
+    doc = orjson.loads(skel_path.read_bytes())
+    if doc.get("format") != FORMAT:
+        raise CheckpointError(f"{skel_path}: not an {FORMAT} skeleton")
+    meta = read_metadata_json(src)["tensors"]
+    full: dict[str, torch.Tensor] = {}
+    per_file: dict[str, list[tuple[str, dict]]] = {}
+    for key in doc["keys"]:
+        if key not in meta:
+            raise CheckpointError(f"{src}: {key!r} is in the skeleton but not in {METADATA}")
+        full[key] = torch.empty(meta[key]["size"], dtype=_dtype(meta[key]["dtype"]))
+        for c in meta[key]["chunks"]:
+            per_file.setdefault(c["file"], []).append((key, c))
+    for fname, chunks in per_file.items():
+        with safetensors.safe_open(str(src / fname), framework="pt") as f:
+            for key, c in chunks:
+                part = f.get_tensor(c["key"])
+                target = full[key][tuple(slice(o, o + n) for o, n in zip(c["offsets"], c["sizes"]))]
+                if tuple(part.shape) != tuple(target.shape):
+                    raise CheckpointError(f"{src / fname}: chunk {c['key']!r} has shape {tuple(part.shape)}, its "
+                                          f"place in {key!r} {tuple(target.shape)}")
+                target.copy_(part)
+    restored = decode(doc["tree"], hook=f"{subdir} (sharded)")
+    for path, key in zip(decode(doc["slots"]), doc["keys"]):
+        restored = _put(restored, tuple(path), full[key])
     return restored

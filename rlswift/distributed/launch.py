@@ -112,11 +112,31 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
         if want_cuda:
             kwargs["device_id"] = dev  # binds the group to this device (eager NCCL init, no guessing)
+        store = _attempt_store(env, world, timeout_s)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(**kwargs)
     if dist.get_rank() != rank or dist.get_world_size() != world:
         raise RuntimeError(f"process group says rank {dist.get_rank()}/{dist.get_world_size()}, torchrun's "
                            f"environment {rank}/{world}")
     return DistInfo(rank, world, local, dev, rank == 0)
+
+
+def _attempt_store(env: dict[str, str], world: int, timeout_s: float):
+    """After a torchrun restart: the agent's store, under a prefix of this attempt; None otherwise (env://).
+
+    torchrun's workers share the elastic agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE) and the default group
+    writes its keys there unprefixed, so a restarted group could read the previous attempt's addresses: measured
+    here (torch 2.13, gloo) 2 of 3 restarts failed with "Gloo connectFullMesh failed ... Connection refused"
+    (pytorch/pytorch#135712). Every group made later (vLLM's too) uses the default group's store, so they are
+    scoped as well.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt in (None, "0"):
+        return None
+    base = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                                      timeout=timedelta(seconds=timeout_s))
+    return torch.distributed.PrefixStore(f"rlswift/attempt_{attempt}", base)
 
 
 def destroy_distributed() -> None:

@@ -16,6 +16,9 @@ import torch
 from rlswift import config as cfglib
 from rlswift.checkpoint import CheckpointManager
 from rlswift.checkpoint.manager import CheckpointError, read_manifest
+from rlswift.distributed import (DistInfo, MainOnly, OneProcessParts, PerRankState, ShardedState, agree,
+                                 derived_rng_state, grad_norm_value, init_distributed, rank_items,
+                                 rank_seed)
 from rlswift.errors import RlswiftError
 from rlswift.models.policy import load_policy_state, policy_state_dict
 from rlswift.runlog import JsonlLog, read_jsonl
@@ -71,12 +74,98 @@ def build_run_optimizer(model: torch.nn.Module, opt: OptimizerConfig, lr: float,
                            scale=opt.galore_scale)
 
 
-def make_checkpoint_manager(out: Path, cfg) -> CheckpointManager:
+def make_checkpoint_manager(out: Path, cfg, info: DistInfo | None = None) -> CheckpointManager:
     """The run's CheckpointManager from the config's save keys (async writes, mirror, best-checkpoint retention)."""
     best = cfg.metric_for_best
     greater = cfg.greater_is_better if cfg.greater_is_better is not None else "loss" not in (best or "")
     return CheckpointManager(out, save_total_limit=cfg.save_total_limit, async_save=cfg.async_save,
-                             mirror_to=cfg.mirror_to, best_metric=best, best_mode="max" if greater else "min")
+                             mirror_to=cfg.mirror_to, best_metric=best, best_mode="max" if greater else "min",
+                             info=info)
+
+
+# ---------------------------------------------------------------------------------------------- several ranks
+# Optimizers whose update is elementwise, so that FSDP2's DTensor shards (each rank a block of rows) step exactly as
+# the whole tensor would. 8-bit optimizers call kernels on raw storage and GaLore projects whole gradient
+# matrices (an SVD per matrix): on shards both compute something else.
+SHARDABLE_OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused")
+
+
+def start_distributed(cfg) -> DistInfo:
+    """Join torchrun's process group (or stay one process) on the device the config asks for."""
+    from rlswift.models.device import resolve_device
+
+    if cfg.device != "auto":
+        resolve_device(cfg.device)  # a bad name or a missing GPU: the one-process message, before any group
+    want = None if cfg.device == "auto" else ("cpu" if cfg.device == "cpu" else "cuda")
+    try:
+        info = init_distributed(device=want)
+    except RuntimeError as e:
+        raise RlswiftError(str(e)) from e
+    if info.distributed and cfg.device not in ("auto", "cpu", "cuda"):
+        raise cfglib.ConfigError(f"device={cfg.device!r} under torchrun: each rank trains on cuda:LOCAL_RANK; set "
+                                 "device=cuda (or auto)")
+    return info
+
+
+def check_distributed(cfg, info: DistInfo, splits: dict[str, tuple[int, int]]) -> None:
+    """Refuse settings that cannot run on ``info.world_size`` ranks (nothing to check for one process).
+
+    ``splits``: config key -> (items per step, multiple each rank's share must be of), e.g. GRPO's
+    ``{"prompts_per_step": (4, 1)}``: every rank gets an equal share.
+    """
+    if not info.distributed:
+        return
+    w = info.world_size
+    if cfg.async_save:
+        raise cfglib.ConfigError(f"async_save=true is not supported with {w} ranks (a save is a collective of every "
+                                 "rank, committed before any rank goes on); set async_save=false")
+    if cfg.optimizer.name in _registered_optimizers() and cfg.optimizer.name not in SHARDABLE_OPTIMIZERS:
+        raise cfglib.ConfigError(
+            f"optimizer.name={cfg.optimizer.name!r} cannot run on {w} ranks: FSDP2 gives each rank a block of rows "
+            "of every weight (a DTensor shard), and 8-bit optimizers run kernels on whole raw tensors while GaLore "
+            "projects whole gradient matrices (an SVD each), so on shards they would compute something else. Use "
+            f"optimizer.name=adamw (any adamw_implementation), or one process")
+    for key, (n, multiple) in splits.items():
+        try:
+            rank_items(n, info, key, multiple)
+        except ValueError as e:
+            raise cfglib.ConfigError(str(e)) from None
+
+
+def _registered_optimizers() -> set[str]:
+    """The registered optimizer names (a dotted-path factory is the user's own: not checked)."""
+    from rlswift.optim import OPTIMIZERS
+
+    return set(OPTIMIZERS.names())
+
+
+def prepare_run(out: Path, cfg, recipe: str, info: DistInfo):
+    """`prepare_run_dir` on rank 0 only (it holds the run folder's lock); the other ranks wait for it and fail with
+    it. Returns the lock on rank 0 (keep it for the life of the run), None elsewhere."""
+    from rlswift.rundir import prepare_run_dir
+
+    # agree() returns on every rank after rank 0 is done: no rank goes on before the folder is prepared.
+    return agree(lambda: prepare_run_dir(out, cfg.resume, cfg.overwrite, recipe=recipe) if info.is_main else None,
+                 info, f"preparing the run folder {out}")
+
+
+def train_state_hooks(model: torch.nn.Module, optimizer, info: DistInfo) -> list[tuple[str, object]]:
+    """The policy's and optimizer's hooks: "model" + "optimizer" for one process (unchanged format), "train_state"
+    (`ShardedState`: written through DCP by every rank) with several ranks. Either layout loads into the other."""
+    if info.distributed:
+        return [("train_state", ShardedState(model, optimizer))]
+    return [("model", ModelHook(model)), ("optimizer", optimizer)]
+
+
+def rng_hook(rng, run_seed: int) -> PerRankState:
+    """The RNG streams as a per-rank hook: each rank's own streams; a rank new to a checkpoint (more ranks than
+    saved) starts from ``rank_seed(run_seed, rank, step)``. One process: the plain hook's format."""
+    return PerRankState(rng, lambda r, s: derived_rng_state(rng.state_dict(), rank_seed(run_seed, r, s)))
+
+
+def main_only(hook, info: DistInfo) -> MainOnly:
+    """A run-log hook that lives on rank 0 only (other ranks never open the file)."""
+    return MainOnly(hook if info.is_main else None)
 
 
 def numeric_metrics(record: dict) -> dict:
@@ -124,8 +213,9 @@ def resume_or_start(ckpt: CheckpointManager, registry, cfg, run_length_keys: set
     if path is None:
         # No checkpoint: log lines from a run that died before its first save are not part of this run.
         for _, hook in registry.items():
-            if isinstance(hook, JsonlLog):
-                hook.load_state_dict({"offset": 0})
+            log = hook.hook if isinstance(hook, MainOnly) else hook
+            if isinstance(log, JsonlLog):
+                log.load_state_dict({"offset": 0})
         return None
     saved = read_manifest(path).get("config") or {}
     saved = migrate(saved) if migrate else saved
@@ -140,18 +230,36 @@ def resume_or_start(ckpt: CheckpointManager, registry, cfg, run_length_keys: set
             + f"Resume with the saved settings (in {path}/manifest.json) or start a new output_dir; keys that may "
             f"change on resume: {', '.join(sorted(run_length_keys))}")
     manifest_hooks = read_manifest(path).get("hooks") or {}
-    absent = {n: registry.unregister(n) for n in NEW_HOOKS if n in registry and n not in manifest_hooks}
+    hooks = {n: h for n, h in registry.items() if not (n in NEW_HOOKS and n not in manifest_hooks)}
+    hooks, finish = _other_layout(hooks, manifest_hooks)
     try:
-        ckpt.load(path, registry)
+        ckpt.load(path, hooks)
+        if finish is not None:
+            finish()
     except (KeyError, ValueError, TypeError) as e:
         # A hook refused the saved state (other model, data, buffer sizes, ...): nothing of the run is changed.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise CheckpointError(f"resume from {path} refused: {msg}") from e
-    finally:
-        for name, hook in absent.items():
-            registry.register(name, hook)
     ckpt.protect = path
     return path
+
+
+def _other_layout(hooks: dict, saved: dict) -> tuple[dict, Callable[[], None] | None]:
+    """Load a checkpoint of the other layout of the policy and optimizer (see `train_state_hooks`).
+
+    One process reading a checkpoint of several ranks ("train_state"): a `ShardedState` over the plain model and
+    optimizer reads it (DCP without a process group). Several ranks reading a one-process checkpoint ("model" +
+    "optimizer"): stand-ins keep both states, then every rank loads the whole tensors and keeps its shard.
+    """
+    if "train_state" in hooks and "train_state" not in saved and {"model", "optimizer"} <= set(saved):
+        hooks = dict(hooks)
+        parts = OneProcessParts(hooks.pop("train_state"))
+        return {**parts.hooks(), **hooks}, parts.finish
+    if "train_state" in saved and "train_state" not in hooks and {"model", "optimizer"} <= set(hooks):
+        hooks = dict(hooks)
+        model_hook, optimizer = hooks.pop("model"), hooks.pop("optimizer")
+        return {"train_state": ShardedState(model_hook.model, optimizer), **hooks}, None
+    return hooks, None
 
 
 def migrate_precision(saved: dict) -> dict:
@@ -190,7 +298,7 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer, scheduler, max_g
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return grad_norm_value(grad_norm)  # a replicated DTensor under FSDP2
 
 
 def progress_bar(enabled: bool, total: int, initial: int, desc: str):
@@ -202,8 +310,10 @@ def progress_bar(enabled: bool, total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
 
-def report_stop(signum: int | None, step: int) -> None:
-    name = signal.Signals(signum).name if signum else "a stop request"
+def report_stop(signum: int | None, step: int, elsewhere: bool = False) -> None:
+    """The stop line; ``elsewhere``: this rank got no signal itself (another rank did, and every rank stopped)."""
+    name = "a stop signal to another rank" if elsewhere else (signal.Signals(signum).name if signum
+                                                               else "a stop request")
     print(f"rlswift: stopped by {name} after step {step}; checkpoint saved; resume with resume=auto",
           file=sys.stderr, flush=True)
 
@@ -218,15 +328,18 @@ def first_last_means(metrics_path: Path, keys: list[str], k_max: int) -> tuple[i
     return k, {key: (mean(key, rows[:k]), mean(key, rows[-k:])) for key in keys}
 
 
-def fault_point(step: int) -> None:
-    """Test hook: ``RLSWIFT_FAULT=kill@N`` SIGKILLs, ``term@N`` SIGTERMs this process in the middle of step N."""
-    fault = os.environ.get("RLSWIFT_FAULT", "")
-    for item in filter(None, fault.split(",")):
-        kind, _, at = item.partition("@")
-        if kind in ("kill", "term") and at.isdigit() and int(at) == step:
+def fault_point(step: int, rank: int = 0) -> None:
+    """Test hook: ``RLSWIFT_FAULT=kill@N`` SIGKILLs, ``term@N`` SIGTERMs this process in the middle of step N.
+
+    Under torchrun every rank reads the variable: ``kill@N:R`` / ``term@N:R`` hit rank R only; faults never fire
+    again after a torchrun restart (see `checkpoint.writer.fault_requested`)."""
+    from rlswift.checkpoint.writer import fault_requested
+
+    for kind, sig in (("kill", signal.SIGKILL), ("term", signal.SIGTERM)):
+        if fault_requested(kind, step, rank):
             sys.stdout.flush()
             sys.stderr.flush()
-            os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
 
 def plot_rewards(metrics_path: Path, png_path: Path, key: str = "reward", window: int = 5) -> None:

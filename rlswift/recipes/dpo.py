@@ -3,6 +3,10 @@
 One step, top to bottom: preference rows from the stateful sampler -> reference log-probs (from the reference cache
 hook, computed once per row) -> one concatenated policy forward of chosen + rejected -> DPO loss (sigmoid, ipo,
 hinge, robust) -> optimizer step. Metrics carry TRL's names so curves compare directly.
+
+Several processes: `torchrun --nproc-per-node N -m rlswift.recipes.dpo ...` (docs/distributed.md): FSDP2 shards the
+policy and reference; every rank draws the same pairs, trains on its block of them (loss normalised by the global
+number of pairs) and fills the replicated reference cache for the whole batch.
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ from rlswift.algorithms.dpo import (  # noqa: E402
 )
 from rlswift.data.preference import load_preference_dataset, tokenize_preference  # noqa: E402
 from rlswift.data.prompts import rows_fingerprint  # noqa: E402
+from rlswift.distributed import (  # noqa: E402
+    ConfigMismatchError,
+    agree_config,
+    any_rank,
+    destroy_distributed,
+    dpo_loss_scale,
+    fresh_seed,
+    micro_batches,
+    rank_rows,
+    shard_for_calls,
+)
 from rlswift.errors import DataError  # noqa: E402
 from rlswift.models import resolve_model  # noqa: E402
 from rlswift.models.device import (  # noqa: E402
@@ -46,11 +61,12 @@ from rlswift.models.policy import load_policy, load_tokenizer, make_reference, r
 from rlswift.recipes._common import (  # noqa: E402
     RUN_LENGTH_KEYS,
     LoraConfig,
-    ModelHook,
     OptimizerConfig,
     build_run_optimizer,
     build_scheduler,
+    check_distributed,
     fault_point,
+    main_only,
     make_checkpoint_manager,
     numeric_metrics,
     first_last_means,
@@ -58,12 +74,16 @@ from rlswift.recipes._common import (  # noqa: E402
     optimizer_step,
     plot_rewards,
     progress_bar,
+    prepare_run,
     register_user_hooks,
     report_stop,
     resume_or_start,
+    rng_hook,
     run_cli,
+    start_distributed,
+    train_state_hooks,
 )
-from rlswift.rundir import prepare_run_dir  # noqa: E402
+from rlswift.recipes._ranks import global_stats  # noqa: E402
 from rlswift.runlog import JsonlLog  # noqa: E402
 from rlswift.signals import GracefulStop  # noqa: E402
 from rlswift.trackers import Trackers  # noqa: E402
@@ -189,14 +209,20 @@ def reference_logps(rows: list[int], examples: list[dict], cache: RewardCache, r
 def main(argv: list[str] | None = None) -> int:
     cfg = cfglib.parse_cli(DPOConfig, argv, prog="python -m rlswift.recipes.dpo")
     validate(cfg)
+    info = start_distributed(cfg)  # torchrun's process group, or one process (no torch.distributed at all)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     cfg.device, cfg.precision = device.type, precision.name  # what the run computes with, saved with it
+    try:
+        agree_config(cfglib.to_dict(cfg), info)  # rank 0's config is the truth; any difference stops every rank
+    except ConfigMismatchError as e:
+        raise cfglib.ConfigError(str(e)) from None
+    check_distributed(cfg, info, {"batch_size": (cfg.batch_size, cfg.gradient_accumulation_steps)})
     out = Path(cfg.output_dir)
-    run_lock = prepare_run_dir(out, cfg.resume, cfg.overwrite, recipe="dpo")  # noqa: F841 - held for the run
+    run_lock = prepare_run(out, cfg, "dpo", info)  # noqa: F841 - held (by rank 0) for the run
 
     # ---- components (fresh-start state; a resume overwrites it through the registry) ----
-    seed_everything(cfg.seed)
+    seed_everything(fresh_seed(cfg.seed, info.rank))  # rank 0 (and one process): the run seed itself
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     model = load_policy(model_path, dtype=precision.param_dtype, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
@@ -205,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     reference = make_reference(model) if cfg.lora.rank == 0 else None
+    run = shard_for_calls(model, info)  # several ranks: FSDP2; every forward goes through the runners
+    ref_run = shard_for_calls(reference, info) if reference is not None else None
     rows, n_skipped = load_preference_dataset(cfg.dataset, skip_malformed=cfg.skip_malformed)
-    if n_skipped:
+    if n_skipped and info.is_main:
         print(f"rlswift dpo: skipped {n_skipped} malformed rows (skip_malformed=true)", file=sys.stderr)
     if not rows:
         raise DataError(f"dataset {cfg.dataset!r} has no usable preference rows")
@@ -219,23 +247,27 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress()
     registry = StateRegistry()
     register_user_hooks(registry, cfg.state_hooks)  # first: factories may register generators for the rng hook
-    registry.register("model", ModelHook(model))
-    registry.register("optimizer", optimizer)
+    for name, hook in train_state_hooks(model, optimizer, info):
+        registry.register(name, hook)
     registry.register("scheduler", scheduler)
-    registry.register("rng", RNGState())
+    registry.register("rng", rng_hook(RNGState(), cfg.seed))
     registry.register("progress", progress)
     registry.register("sampler", EpochSampler(len(examples), cfg.batch_size, seed=cfg.seed,
                                               data_fingerprint=rows_fingerprint(rows),
                                               data_source=f"the preference data {cfg.dataset!r}"))
     registry.register("reference_cache", RewardCache())
-    registry.register("metrics_log", JsonlLog(out / "metrics.jsonl"))
-    trackers = registry.register("trackers", Trackers(cfg.report_to, out, run_name=cfg.run_name,
-                                                       config=cfglib.to_dict(cfg), history=out / "metrics.jsonl"))
-    sampler, ref_cache, metrics_log = registry.get("sampler"), registry.get("reference_cache"), registry.get("metrics_log")
+    # Run logs live on rank 0 only: other ranks never open the files (a resume truncates them there).
+    metrics_log = JsonlLog(out / "metrics.jsonl") if info.is_main else None
+    trackers = Trackers(cfg.report_to, out, run_name=cfg.run_name, config=cfglib.to_dict(cfg),
+                        history=out / "metrics.jsonl") if info.is_main else None
+    registry.register("metrics_log", main_only(metrics_log, info))
+    registry.register("trackers", main_only(trackers, info))
+    sampler, ref_cache = registry.get("sampler"), registry.get("reference_cache")
 
-    ckpt = make_checkpoint_manager(out, cfg)
+    ckpt = make_checkpoint_manager(out, cfg, info)
     resumed_from = resume_or_start(ckpt, registry, cfg, RUN_LENGTH_KEYS, migrate=migrate_precision)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+    if info.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
     # The reference's identity keys its cache: a different base model or dtype must never reuse old values.
     # (fp32 is spelled float32 in the cache key so caches of rlswift 0.1 runs stay valid.)
     ref_dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(precision.name, precision.name)
@@ -249,54 +281,64 @@ def main(argv: list[str] | None = None) -> int:
 
     @torch.no_grad()
     def compute_reference(idx: list[int]):
+        # Several ranks: every rank computes the same missing rows of the GLOBAL batch (a collective forward), so
+        # the replicated cache gets the same values everywhere, and one process's (the same shapes, the same bits).
         batch = collate(idx)
         with autocast(device, precision):
-            if reference is not None:
-                chosen, rejected, _ = sequence_logps(reference, batch)
+            if ref_run is not None:
+                chosen, rejected, _ = ref_run(sequence_logps, batch)
             else:
                 with reference_logprobs_context(model):
-                    chosen, rejected, _ = sequence_logps(model, batch)
+                    chosen, rejected, _ = run(sequence_logps, batch)
+                    run.release()  # adapters come back on at exit: on the sharded parameters (see grpo.py)
         return chosen, rejected
 
-    print(f"rlswift dpo: model={model_path} device={describe(device, precision)} rows={len(examples)} "
-          f"steps={progress.step}->{cfg.max_steps}"
-          + (f" resumed from {resumed_from}" if resumed_from else ""), file=sys.stderr, flush=True)
-    bar = progress_bar(cfg.progress_bar, cfg.max_steps, progress.step, "dpo")
+    if info.is_main:
+        ranks = f" ranks={info.world_size}" if info.distributed else ""
+        print(f"rlswift dpo: model={model_path} device={describe(device, precision)} rows={len(examples)}{ranks} "
+              f"steps={progress.step}->{cfg.max_steps}"
+              + (f" resumed from {resumed_from}" if resumed_from else ""), file=sys.stderr, flush=True)
+    bar = progress_bar(cfg.progress_bar and info.is_main, cfg.max_steps, progress.step, "dpo")
     stop = GracefulStop()
-    last_save = 0.0
+    last_save, stop_now = 0.0, False
+    gas = cfg.gradient_accumulation_steps
     with stop, deterministic_kernels(cfg.deterministic):  # no vLLM here: the whole loop
         while progress.step < cfg.max_steps:
             step = progress.step + 1
             t_step = time.perf_counter()
             reset_peak_memory(device)
-            idx = sampler.next_batch()
+            idx = sampler.next_batch()  # every rank: the same global pairs
             progress.epoch = sampler.epoch
             t0 = time.perf_counter()
             model.eval()
             ref = reference_logps(idx, examples, ref_cache, ref_id, compute_reference).to(device)
             t_ref = time.perf_counter() - t0
-            fault_point(step)  # test hook: RLSWIFT_FAULT=kill@N / term@N stops the run here, mid-step
+            fault_point(step, info.rank)  # test hook: RLSWIFT_FAULT=kill@N / term@N[:rank] stops here, mid-step
 
             t0 = time.perf_counter()
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            mb = len(idx) // cfg.gradient_accumulation_steps
             totals: dict[str, float] = {}
-            for k in range(cfg.gradient_accumulation_steps):
-                sub = slice(k * mb, (k + 1) * mb)
+            for sub in micro_batches(rank_rows(len(idx), info, gas), gas):  # this rank's pairs, in micro-batches
                 batch = collate(idx[sub])
                 with autocast(device, precision):
-                    chosen, rejected, logit_stats = sequence_logps(model, batch)
+                    chosen, rejected, logit_stats = run(sequence_logps, batch)
                 chosen_len, rejected_len = completion_lengths(batch)  # ipo normalises by completion length
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     chosen, rejected, ref[sub, 0], ref[sub, 1], beta=cfg.beta, loss_type=cfg.loss_type,
                     label_smoothing=cfg.label_smoothing, chosen_lengths=chosen_len, rejected_lengths=rejected_len)
-                loss = losses.mean() / cfg.gradient_accumulation_steps
+                if info.distributed:  # the sum over this rank's pairs / the global number of pairs
+                    loss = losses.mean() * dpo_loss_scale(len(losses), len(idx))
+                else:
+                    loss = losses.mean() / gas
                 loss.backward()
                 m = {"loss": float(losses.mean().detach()),
                      **dpo_metrics(chosen_rewards, rejected_rewards, chosen, rejected, logit_stats)}
                 for key, v in m.items():
-                    totals[key] = totals.get(key, 0.0) + float(v) / cfg.gradient_accumulation_steps
+                    totals[key] = totals.get(key, 0.0) + (float(v) if info.distributed else float(v) / gas)
+            run.release()
+            if info.distributed:  # means over the W x gas micro-batches of every rank
+                totals = global_stats(totals, gas, info)
             grad_norm = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
             t_train = time.perf_counter() - t0
 
@@ -308,31 +350,36 @@ def main(argv: list[str] | None = None) -> int:
                       "timing": {"reference": round(t_ref, 4), "train": round(t_train, 4),
                                  "step": round(time.perf_counter() - t_step, 4), "last_save": round(last_save, 4)},
                       "perf": peak_memory(device)}
-            metrics_log.write(record)
-            trackers.log(record, step)  # before the save: the checkpoint records the last step the trackers hold
-            if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
+            if info.is_main:
+                metrics_log.write(record)
+                trackers.log(record, step)  # before the save: the checkpoint records the last step the trackers hold
+            stop_now = any_rank(stop.requested, info)  # a signal to any rank stops every rank after this step
+            if step % cfg.save_steps == 0 or step == cfg.max_steps or stop_now:
                 t0 = time.perf_counter()
                 ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics=numeric_metrics(record))
                 last_save = time.perf_counter() - t0  # with async_save: the training stall only
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
                 bar.update(1)
-            if stop.requested:
+            if stop_now:
                 ckpt.wait()  # an async save must be on disk before we say so
-                report_stop(stop.signum, step)
+                if stop.requested or info.is_main:
+                    report_stop(stop.signum, step, elsewhere=not stop.requested)
                 break
     if bar is not None:
         bar.close()
     ckpt.close()  # waits for an async save and mirror uploads
-    metrics_log.close()
-    trackers.close()
-    k, means = first_last_means(out / "metrics.jsonl", ["rewards/accuracies", "rewards/margins"], k_max=5)
-    if k:
-        (acc0, acc1), (mar0, mar1) = means["rewards/accuracies"], means["rewards/margins"]
-        print(f"preference accuracy: first {k} steps {acc0:.3f} -> last {k} steps {acc1:.3f}; "
-              f"margin {mar0:.3f} -> {mar1:.3f}", flush=True)
-        if cfg.plot and not stop.requested:
-            plot_rewards(out / "metrics.jsonl", out / "reward.png", key="rewards/margins")
+    if info.is_main:
+        metrics_log.close()
+        trackers.close()
+        k, means = first_last_means(out / "metrics.jsonl", ["rewards/accuracies", "rewards/margins"], k_max=5)
+        if k:
+            (acc0, acc1), (mar0, mar1) = means["rewards/accuracies"], means["rewards/margins"]
+            print(f"preference accuracy: first {k} steps {acc0:.3f} -> last {k} steps {acc1:.3f}; "
+                  f"margin {mar0:.3f} -> {mar1:.3f}", flush=True)
+            if cfg.plot and not (stop_now or stop.requested):
+                plot_rewards(out / "metrics.jsonl", out / "reward.png", key="rewards/margins")
+    destroy_distributed()
     return 0
 
 

@@ -4,6 +4,10 @@ One step, top to bottom: prompts from the stateful sampler -> the rollout engine
 seed computed by `sample_seed`, never drawn) -> reward functions (TRL signature) -> group-normalised advantages ->
 clipped token-level policy loss (+ optional KL to the reference) -> optimizer step -> weight sync to the engine.
 Everything that lives across steps is a state hook in one registry; a checkpoint saves exactly that registry.
+
+Several processes: `torchrun --nproc-per-node N -m rlswift.recipes.grpo ...` (docs/distributed.md): the policy is
+sharded with FSDP2, each rank generates its share of the prompts with its own engine, every rank scores and holds
+the whole batch, trains on its rows; the result is one process's up to the order of floating-point additions.
 """
 
 from __future__ import annotations
@@ -34,6 +38,19 @@ from rlswift.algorithms.grpo_batch import GenerationBatch, Group, assemble_batch
 from rlswift.algorithms.logprobs import completion_logprobs  # noqa: E402
 from rlswift.algorithms.shared_prompt import shared_prompt_fallback_reason  # noqa: E402
 from rlswift.data.prompts import load_prompt_dataset, render_prompt  # noqa: E402
+from rlswift.distributed import (  # noqa: E402
+    ConfigMismatchError,
+    DistInfo,
+    agree_config,
+    any_rank,
+    destroy_distributed,
+    engine_weight_chunks,
+    fresh_seed,
+    grpo_loss_scale,
+    micro_batches,
+    rank_rows,
+    shard_for_calls,
+)
 from rlswift.errors import DataError, RlswiftError  # noqa: E402
 from rlswift.models import resolve_model  # noqa: E402
 from rlswift.models.device import (  # noqa: E402
@@ -57,11 +74,12 @@ from rlswift.models.policy import (  # noqa: E402
 from rlswift.recipes._common import (  # noqa: E402
     RUN_LENGTH_KEYS,
     LoraConfig,
-    ModelHook,
     OptimizerConfig,
     build_run_optimizer,
     build_scheduler,
+    check_distributed,
     fault_point,
+    main_only,
     make_checkpoint_manager,
     numeric_metrics,
     first_last_means,
@@ -69,13 +87,17 @@ from rlswift.recipes._common import (  # noqa: E402
     optimizer_step,
     plot_rewards,
     progress_bar,
+    prepare_run,
     register_user_hooks,
     report_stop,
     resume_or_start,
+    rng_hook,
     run_cli,
+    start_distributed,
+    train_state_hooks,
 )
+from rlswift.recipes._ranks import gather_rows, generate_split, global_float, global_stats, shared_prompt_agreed  # noqa: E402,E501
 from rlswift.rewards import resolve_reward_funcs, score  # noqa: E402
-from rlswift.rundir import prepare_run_dir  # noqa: E402
 from rlswift.runlog import JsonlLog  # noqa: E402
 from rlswift.signals import GracefulStop  # noqa: E402
 from rlswift.trackers import Trackers  # noqa: E402
@@ -265,12 +287,19 @@ def validate(cfg: GRPOConfig) -> None:
         raise cfglib.ConfigError(f"vllm.gpu_memory_utilization={cfg.vllm.gpu_memory_utilization} must be in (0, 1]")
 
 
-def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: torch.device, rng: RNGState):
-    """The rollout engine, started inside a snapshot of the run's RNG streams (vLLM seeds the global ones)."""
+def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: torch.device, rng: RNGState,
+                 info: DistInfo):
+    """The rollout engine, started inside a snapshot of the run's RNG streams (vLLM seeds the global ones).
+
+    Several ranks: one engine per rank (docs/distributed.md). vLLM runs as an "external launcher" executor: it
+    takes torchrun's process group as its world and this rank's device (cuda:LOCAL_RANK), tensor parallel 1, as
+    TRL's colocate mode does; every rank must start it at the same point (it makes process groups)."""
     if cfg.engine == "vllm":
         v = cfg.vllm
         kwargs = {"seed": cfg.seed, "max_num_seqs": v.max_num_seqs, "max_num_batched_tokens": v.max_num_batched_tokens,
                   "enable_sleep_mode": v.enable_sleep_mode, "sync_method": v.sync_method}
+        if info.distributed:
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if device.type == "cuda":  # the memory and CUDA-graph settings of each platform (the engine says what it ignores)
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager)
         else:
@@ -286,8 +315,11 @@ def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: t
 
 def generate_groups(engine, tokenizer, dataset, prompt_cache: dict[int, list[int]], uids: list[int], call: int,
                     cfg: GRPOConfig, reward_funcs, weights, cache: RewardCache,
-                    spec: SamplingSpec) -> tuple[list[Group], float, float]:
-    """Sample G completions for each prompt uid and score them: (one Group per uid, rollout s, reward s)."""
+                    spec: SamplingSpec, info: DistInfo) -> tuple[list[Group], float, float]:
+    """Sample G completions for each prompt uid and score them: (one Group per uid, rollout s, reward s).
+
+    Several ranks: each generates its block of the prompts, every rank then scores the whole batch (the reward
+    cache and every group stay identical on all ranks, and equal to one process's)."""
     G = cfg.num_generations
     requests, indices = [], []
     seen: dict[int, int] = {}
@@ -305,7 +337,7 @@ def generate_groups(engine, tokenizer, dataset, prompt_cache: dict[int, list[int
         requests.append(Request(prompt_ids=prompt_cache[uid], seeds=[sample_seed(cfg.seed, call, uid, j) for j in idx],
                                 sampling=spec))
     t0 = time.perf_counter()
-    rollouts = engine.generate(requests)
+    rollouts = generate_split(engine, requests, info)
     t_rollout = time.perf_counter() - t0
 
     rows = [dataset[uid] for uid in uids for _ in range(G)]
@@ -330,44 +362,64 @@ def generate_groups(engine, tokenizer, dataset, prompt_cache: dict[int, list[int
     return groups, t_rollout, t_reward
 
 
-def batch_logprobs(model, batch: GenerationBatch, rows: slice, cfg: GRPOConfig, device: torch.device,
-                   entropy: bool = False):
-    """Per-token log-probs ([b, T] float32, on ``device``) of the completions in ``rows`` of the batch."""
-    return completion_logprobs(model, batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device),
-                               batch.logits_to_keep, temperature=cfg.temperature, return_entropy=entropy,
-                               shared_prompt=cfg.shared_prompt, chunk_size=cfg.logprob_chunk_size)
+def batch_logprobs(run, batch: GenerationBatch, rows: slice, cfg: GRPOConfig, device: torch.device,
+                   entropy: bool = False, shared_prompt: bool | None = None):
+    """Per-token log-probs ([b, T] float32, on ``device``) of the completions in ``rows`` of the batch.
+
+    ``run``: the model's `ModelRunner` (``run(fn, ...)`` is ``fn(model, ...)``; inside the FSDP2 root when sharded).
+    """
+    return run(completion_logprobs, batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device),
+               batch.logits_to_keep, temperature=cfg.temperature, return_entropy=entropy,
+               shared_prompt=cfg.shared_prompt if shared_prompt is None else shared_prompt,
+               chunk_size=cfg.logprob_chunk_size)
 
 
 @torch.no_grad()
-def frozen_logprobs(model, reference, batch: GenerationBatch, cfg: GRPOConfig, device, precision) -> None:
-    """Fill the batch's old log-probs (num_iterations > 1) and reference log-probs (beta > 0), on the CPU."""
-    rows = slice(0, batch.num_rows)
-    model.eval()
+def frozen_logprobs(run, ref_run, batch: GenerationBatch, cfg: GRPOConfig, device, precision,
+                    info: DistInfo) -> None:
+    """Fill the batch's old log-probs (num_iterations > 1) and reference log-probs (beta > 0), on the CPU.
+
+    Several ranks: each computes its rows, then every rank gathers the whole batch's (the batch is replicated)."""
+    rows = rank_rows(batch.num_rows, info)
+    shared = cfg.shared_prompt and (not info.distributed or shared_prompt_agreed(
+        batch.input_ids, batch.attention_mask, batch.logits_to_keep, info, 0, 1))
+    run.model.eval()
     with autocast(device, precision):
         if cfg.num_iterations > 1:  # the policy that sampled, frozen for the whole block
-            batch.old_logprobs = batch_logprobs(model, batch, rows, cfg, device).cpu()
+            batch.old_logprobs = gather_rows(batch_logprobs(run, batch, rows, cfg, device, shared_prompt=shared).cpu(),
+                                             info)
         if cfg.beta > 0:
-            if reference is not None:
-                batch.ref_logprobs = batch_logprobs(reference, batch, rows, cfg, device).cpu()
+            if ref_run is not None:
+                ref = batch_logprobs(ref_run, batch, rows, cfg, device, shared_prompt=shared).cpu()
             else:
-                with reference_logprobs_context(model):
-                    batch.ref_logprobs = batch_logprobs(model, batch, rows, cfg, device).cpu()
+                with reference_logprobs_context(run.model):
+                    ref = batch_logprobs(run, batch, rows, cfg, device, shared_prompt=shared).cpu()
+                    # peft switches the adapters' requires_grad back on when the context exits: that must reach
+                    # FSDP2's sharded parameters, not gathered copies about to be freed.
+                    run.release()
+            batch.ref_logprobs = gather_rows(ref, info)
+    run.release()
+    if ref_run is not None:
+        ref_run.release()
 
 
-def update_policy(model, params, optimizer, scheduler, batch: GenerationBatch, cfg: GRPOConfig, device,
-                  precision) -> tuple[float, dict[str, float], float]:
-    """One optimizer step on the batch (gradient accumulation over micro-batches): (loss, metrics, grad norm)."""
-    model.train()
+def update_policy(run, params, optimizer, scheduler, batch: GenerationBatch, cfg: GRPOConfig, device,
+                  precision, info: DistInfo) -> tuple[float, dict[str, float], float]:
+    """One optimizer step on the batch (gradient accumulation over micro-batches): (loss, metrics, grad norm).
+
+    Several ranks: each trains on its block of rows (cut into the micro-batches), each loss normalised by counts of
+    the whole batch (`grpo_loss_scale`); FSDP2 sums the gradients; loss and metrics are over every rank."""
+    run.model.train()
     optimizer.zero_grad(set_to_none=True)
     gas = cfg.gradient_accumulation_steps
-    mb = batch.num_rows // gas
     num_items = batch.completion_mask.sum()
     eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
     losses, stats = [], {}
-    for k in range(gas):
-        rows = slice(k * mb, (k + 1) * mb)
+    for k, rows in enumerate(micro_batches(rank_rows(batch.num_rows, info, gas), gas)):
+        shared = cfg.shared_prompt and (not info.distributed or shared_prompt_agreed(
+            batch.input_ids, batch.attention_mask, batch.logits_to_keep, info, k, gas))
         with autocast(device, precision):
-            logps, ent = batch_logprobs(model, batch, rows, cfg, device, entropy=True)
+            logps, ent = batch_logprobs(run, batch, rows, cfg, device, entropy=True, shared_prompt=shared)
         mask = batch.completion_mask[rows].to(device)
         old = batch.old_logprobs[rows].to(device) if batch.old_logprobs is not None else logps.detach()
         ref = batch.ref_logprobs[rows].to(device) if batch.ref_logprobs is not None else None
@@ -375,15 +427,22 @@ def update_policy(model, params, optimizer, scheduler, batch: GenerationBatch, c
                               epsilon_low=cfg.epsilon, epsilon_high=eps_high, ref_logprobs=ref, beta=cfg.beta,
                               max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
         # dapo-like variants already divide by the tokens of the whole accumulated batch.
-        loss = loss * accumulation_scale(cfg.loss_type, gas)
+        if info.distributed:  # counts of the whole batch, over every rank (one process: the same factors)
+            loss = loss * grpo_loss_scale(cfg.loss_type, info, gas, rows.stop - rows.start, batch.num_rows,
+                                          local_tokens=float(mask.sum()))
+        else:
+            loss = loss * accumulation_scale(cfg.loss_type, gas)
         loss.backward()
         losses.append(loss.detach())
         m["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
         for key, v in m.items():
-            stats[key] = stats.get(key, 0.0) + v / gas
+            stats[key] = stats.get(key, 0.0) + (v if info.distributed else v / gas)
+    run.release()
     grad_norm = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the optimizer's kernels belong to this step's timing
+    if info.distributed:  # means over the W x gas micro-batches of every rank
+        return global_float(float(sum(losses)), info), global_stats(stats, gas, info), grad_norm
     return float(sum(losses)), stats, grad_norm
 
 
@@ -405,17 +464,25 @@ def log_trajectories(traj_log: JsonlLog, step: int, groups: list[Group], batch: 
 def main(argv: list[str] | None = None) -> int:
     cfg = cfglib.parse_cli(GRPOConfig, argv, prog="python -m rlswift.recipes.grpo")
     validate(cfg)
+    info = start_distributed(cfg)  # torchrun's process group, or one process (no torch.distributed at all)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     # The resolved choices are what the run computes with: they go into config.yaml and every checkpoint.
     cfg.device, cfg.precision = device.type, precision.name
+    try:
+        agree_config(cfglib.to_dict(cfg), info)  # rank 0's config is the truth; any difference stops every rank
+    except ConfigMismatchError as e:
+        raise cfglib.ConfigError(str(e)) from None
+    rows = cfg.prompts_per_step * cfg.num_generations
+    check_distributed(cfg, info, {"prompts_per_step": (cfg.prompts_per_step, 1),
+                                  "prompts_per_step * num_generations": (rows, cfg.gradient_accumulation_steps)})
     out = Path(cfg.output_dir)
-    run_lock = prepare_run_dir(out, cfg.resume, cfg.overwrite, recipe="grpo")  # noqa: F841 - held for the run
+    run_lock = prepare_run(out, cfg, "grpo", info)  # noqa: F841 - held (by rank 0) for the run
     reward_funcs = resolve_reward_funcs(cfg.reward_funcs)
     weights = cfg.reward_weights or [1.0] * len(reward_funcs)
 
     # ---- components (fresh-start state; a resume overwrites it through the registry) ----
-    seed_everything(cfg.seed)
+    seed_everything(fresh_seed(cfg.seed, info.rank))  # rank 0 (and one process): the run seed itself
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     model = load_policy(model_path, dtype=precision.param_dtype, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
@@ -424,12 +491,18 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     reference = make_reference(model) if cfg.beta > 0 and cfg.lora.rank == 0 else None
-    if cfg.shared_prompt and (why := shared_prompt_fallback_reason(model.train())):
+    why = shared_prompt_fallback_reason(model.train()) if cfg.shared_prompt else None
+    if why and info.is_main:
         print(f"rlswift grpo: shared_prompt falls back to the per-row forward: {why}", file=sys.stderr, flush=True)
+    # Several ranks: FSDP2 shards policy and reference (every forward runs through these runners). The shared-prompt
+    # forward needs the layers' gathered weights until its backward, unless checkpointing recomputes them.
+    shared_forward = cfg.shared_prompt and why is None
+    run = shard_for_calls(model, info, keep_gathered=shared_forward and not cfg.gradient_checkpointing)
+    ref_run = shard_for_calls(reference, info) if reference is not None else None
     arithmetic = cfg.dataset == "arithmetic"
     dataset = load_prompt_dataset(cfg.dataset, num_rows=(cfg.num_prompts or ARITHMETIC_ROWS) if arithmetic else None,
                                   seed=cfg.seed)
-    if cfg.num_prompts is not None and not arithmetic:
+    if cfg.num_prompts is not None and not arithmetic and info.is_main:
         print(f"rlswift grpo: num_prompts={cfg.num_prompts} applies to the built-in arithmetic task only; "
               f"{cfg.dataset} is used whole ({len(dataset)} rows)", file=sys.stderr, flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -444,30 +517,36 @@ def main(argv: list[str] | None = None) -> int:
                            data_source=f"the prompt data {cfg.dataset!r}")
     gen_buffer, pending = ReplayBuffer(capacity=1), ReplayBuffer(capacity=max(64, 4 * cfg.prompts_per_step))
     cache, returns = RewardCache(max_entries=100_000), EpisodeReturns(window=16)
-    metrics_log, traj_log = JsonlLog(out / "metrics.jsonl"), JsonlLog(out / "trajectories.jsonl")
+    # Run logs live on rank 0 only: other ranks never open the files (a resume truncates them there).
+    metrics_log = JsonlLog(out / "metrics.jsonl") if info.is_main else None
+    traj_log = JsonlLog(out / "trajectories.jsonl") if info.is_main else None
     trackers = Trackers(cfg.report_to, out, run_name=cfg.run_name, config=cfglib.to_dict(cfg),
-                        history=out / "metrics.jsonl")
-    for name, hook in [("model", ModelHook(model)), ("optimizer", optimizer), ("scheduler", scheduler), ("rng", rng),
-                       ("progress", progress), ("sampler", sampler), ("generation_batch", gen_buffer),
-                       ("pending_groups", pending), ("reward_cache", cache), ("episode_returns", returns),
-                       ("metrics_log", metrics_log), ("trajectories_log", traj_log), ("trackers", trackers)]:
+                        history=out / "metrics.jsonl") if info.is_main else None
+    for name, hook in [*train_state_hooks(model, optimizer, info), ("scheduler", scheduler),
+                       ("rng", rng_hook(rng, cfg.seed)), ("progress", progress), ("sampler", sampler),
+                       ("generation_batch", gen_buffer), ("pending_groups", pending), ("reward_cache", cache),
+                       ("episode_returns", returns), ("metrics_log", main_only(metrics_log, info)),
+                       ("trajectories_log", main_only(traj_log, info)), ("trackers", main_only(trackers, info))]:
         registry.register(name, hook)
 
-    ckpt = make_checkpoint_manager(out, cfg)
+    ckpt = make_checkpoint_manager(out, cfg, info)
     resumed_from = resume_or_start(ckpt, registry, cfg, RESUMABLE_KEYS, migrate=migrate_config)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+    if info.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
 
     t0 = time.perf_counter()
-    engine = start_engine(cfg, model_path, precision.engine_dtype, device, rng)
+    engine = start_engine(cfg, model_path, precision.engine_dtype, device, rng, info)  # one per rank
     engine_start = time.perf_counter() - t0
     changed_names = changed_engine_names(model)  # LoRA: only the adapted layers change after the first sync
     spec = SamplingSpec(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_tokens=cfg.max_completion_length, stop_token_ids=(tokenizer.eos_token_id,))
     prompt_cache: dict[int, list[int]] = {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    print(f"rlswift grpo: model={model_path} device={describe(device, precision)} engine={cfg.engine} "
-          f"steps={progress.step}->{cfg.max_steps}" + (f" resumed from {resumed_from}" if resumed_from else ""),
-          file=sys.stderr, flush=True)
+    if info.is_main:
+        ranks = f" ranks={info.world_size}" if info.distributed else ""
+        print(f"rlswift grpo: model={model_path} device={describe(device, precision)} engine={cfg.engine}{ranks} "
+              f"steps={progress.step}->{cfg.max_steps}" + (f" resumed from {resumed_from}" if resumed_from else ""),
+              file=sys.stderr, flush=True)
 
     def collect_groups(step: int, timings: dict[str, float]) -> tuple[list[Group], int]:
         """Groups for one generation batch: pending ones first, then new generation calls (refills)."""
@@ -486,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.extra["gen_calls"] = call + 1
             calls += 1
             fresh, t_r, t_w = generate_groups(engine, tokenizer, dataset, prompt_cache, uids, call, cfg,
-                                              reward_funcs, weights, cache, spec)
+                                              reward_funcs, weights, cache, spec, info)
             timings["rollout"] += t_r
             timings["reward"] += t_w
             timings["generated_tokens"] += sum(len(c) for g in fresh for c in g.completion_ids)
@@ -500,15 +579,23 @@ def main(argv: list[str] | None = None) -> int:
                 pending.add(g.to_state())
         return groups, dropped
 
+    synced = {"all": False}
+
     def sync_engine() -> float:
         """Give the engine the current policy (also right after a resume); returns seconds."""
         t0 = time.perf_counter()
-        engine.update_weights(engine_weights(model), changed=changed_names)  # wakes a sleeping engine's weights
+        if run.sharded:  # gathered one decoder layer at a time (every rank: its own engine)
+            changed = set(changed_names) if synced["all"] and changed_names is not None else None
+            for chunk in engine_weight_chunks(model, changed):
+                engine.update_weights(chunk)
+            synced["all"] = True
+        else:
+            engine.update_weights(engine_weights(model), changed=changed_names)  # wakes a sleeping engine's weights
         return time.perf_counter() - t0
 
-    bar = progress_bar(cfg.progress_bar, cfg.max_steps, progress.step, "grpo")
+    bar = progress_bar(cfg.progress_bar and info.is_main, cfg.max_steps, progress.step, "grpo")
     stop = GracefulStop()
-    last_save = 0.0
+    last_save, stop_now = 0.0, False
     with stop:
         while progress.step < cfg.max_steps:
             step = progress.step + 1  # the step being computed, 1-based
@@ -524,18 +611,19 @@ def main(argv: list[str] | None = None) -> int:
                 progress.epoch = sampler.epoch
                 batch = assemble_batch(groups, pad_id, cfg.scale_rewards, dropped)
                 with deterministic_kernels(cfg.deterministic):
-                    frozen_logprobs(model, reference, batch, cfg, device, precision)
+                    frozen_logprobs(run, ref_run, batch, cfg, device, precision, info)
                 gen_buffer.clear()
                 gen_buffer.add(batch.to_state())
-                log_trajectories(traj_log, step, groups, batch, tokenizer, cfg.reward_funcs)
+                if info.is_main:
+                    log_trajectories(traj_log, step, groups, batch, tokenizer, cfg.reward_funcs)
             batch = GenerationBatch.from_state(gen_buffer.items()[0])
-            fault_point(step)  # test hook: RLSWIFT_FAULT=kill@N / term@N stops the run here, mid-step
+            fault_point(step, info.rank)  # test hook: RLSWIFT_FAULT=kill@N / term@N[:rank] stops here, mid-step
 
             # ---- update ----
             t0 = time.perf_counter()
             with deterministic_kernels(cfg.deterministic):
-                loss, stats, grad_norm = update_policy(model, params, optimizer, scheduler, batch, cfg, device,
-                                                       precision)
+                loss, stats, grad_norm = update_policy(run, params, optimizer, scheduler, batch, cfg, device,
+                                                       precision, info)
             t_train = time.perf_counter() - t0
 
             # ---- bookkeeping and log ----
@@ -564,11 +652,13 @@ def main(argv: list[str] | None = None) -> int:
             record["timing"] = {k: round(v, 4) for k, v in timings.items()}
             record["perf"] = {"generated_tokens_per_s": round(generated / timings["rollout"], 1)
                               if timings["rollout"] else None, **peak_memory(device)}
-            metrics_log.write(record)
-            trackers.log(record, step)  # before the save: the checkpoint records the last step the trackers hold
+            if info.is_main:
+                metrics_log.write(record)
+                trackers.log(record, step)  # before the save: the checkpoint records the last step the trackers hold
 
             # ---- save ----
-            if step % cfg.save_steps == 0 or step == cfg.max_steps or stop.requested:
+            stop_now = any_rank(stop.requested, info)  # a signal to any rank stops every rank after this step
+            if step % cfg.save_steps == 0 or step == cfg.max_steps or stop_now:
                 t0 = time.perf_counter()
                 ckpt.save(step, registry, config=cfglib.to_dict(cfg), metrics=numeric_metrics(record))
                 last_save = time.perf_counter() - t0  # with async_save: the training stall only
@@ -576,21 +666,24 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.4f}",
                                 s_per_step=f"{record['timing']['step']:.1f}")
                 bar.update(1)
-            if stop.requested:
+            if stop_now:
                 ckpt.wait()  # an async save must be on disk before we say so
-                report_stop(stop.signum, step)
+                if stop.requested or info.is_main:
+                    report_stop(stop.signum, step, elsewhere=not stop.requested)
                 break
     if bar is not None:
         bar.close()
     ckpt.close()  # waits for an async save and mirror uploads
     engine.close()
-    for log in (metrics_log, traj_log, trackers):
-        log.close()
-    summary = summarize(out)
-    if summary:
-        print(summary, flush=True)
-    if cfg.plot and not stop.requested:
-        plot_rewards(out / "metrics.jsonl", out / "reward.png")
+    if info.is_main:
+        for log in (metrics_log, traj_log, trackers):
+            log.close()
+        summary = summarize(out)
+        if summary:
+            print(summary, flush=True)
+        if cfg.plot and not (stop_now or stop.requested):
+            plot_rewards(out / "metrics.jsonl", out / "reward.png")
+    destroy_distributed()
     return 0
 
 
