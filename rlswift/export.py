@@ -8,7 +8,7 @@ What comes out:
   engine (`engine_weights`: W + B @ A * scaling, computed out of place in fp32, cast to the run's dtype).
 Each also gets `rlswift_export.json` (which checkpoint, step, kind, base model, the run's config and versions).
 
-The checkpoint is read only through the read side (`verify`, `read_manifest`, `load_hook_state`): nothing is
+The checkpoint is read only through the read side (`verify`, `read_manifest`, `read_hook_state`): nothing is
 unpickled. The policy is rebuilt the way a resume does (`load_policy` + `load_policy_state` from the `model` hook)
 and saved with `save_pretrained`, so the export and the run's policy compute the same logits.
 """
@@ -24,7 +24,8 @@ from typing import Any
 
 import orjson
 
-from rlswift.checkpoint.reader import MANIFEST, CheckpointError, load_hook_state, read_manifest, verify
+from rlswift.checkpoint.inspect import read_hook_state
+from rlswift.checkpoint.reader import MANIFEST, CheckpointError, read_manifest, verify
 
 __all__ = ["ExportError", "ExportResult", "POINTERS", "resolve_checkpoint", "export_checkpoint", "load_checkpoint_policy"]
 
@@ -131,7 +132,7 @@ def load_checkpoint_policy(checkpoint: str | os.PathLike, base_model: str | os.P
     """Rebuild the run's policy from a checkpoint: ``(policy, base_model_folder, manifest)``.
 
     Verifies every checksum first; the `model` hook is decoded without unpickling and copied into a policy built
-    from the run's config (`model`, `dtype`, `lora.*`), exactly as a resume does. ``base_model`` overrides the
+    from the run's config (`model`, `precision`, `lora.*`), exactly as a resume does. ``base_model`` overrides the
     config's `model` (use it when the base folder has moved).
     """
     from rlswift.models import resolve_model
@@ -143,8 +144,9 @@ def load_checkpoint_policy(checkpoint: str | os.PathLike, base_model: str | os.P
         raise ExportError(f"cannot export {ckpt}: " + "; ".join(problems))
     manifest = read_manifest(ckpt)
     cfg = _run_config(manifest, ckpt)
-    if "model" not in manifest.get("hooks", {}):
-        raise ExportError(f"{ckpt} has no 'model' hook (hooks: {', '.join(manifest.get('hooks', {}))}); only "
+    hooks = manifest.get("hooks", {})
+    if "model" not in hooks and "train_state" not in hooks:  # one process / several ranks (sharded policy)
+        raise ExportError(f"{ckpt} has no 'model' hook (hooks: {', '.join(hooks)}); only "
                           "checkpoints of rlswift recipes can be exported")
     try:
         base = resolve_model(base_model if base_model is not None else cfg["model"])
@@ -152,11 +154,11 @@ def load_checkpoint_policy(checkpoint: str | os.PathLike, base_model: str | os.P
         raise ExportError(f"{e}. The run's base model must be at hand: pass --base-model FOLDER") from None
     lora = cfg.get("lora") or {}
     rank = int(lora.get("rank", 0) or 0)
-    policy = load_policy(base, dtype=cfg.get("dtype", "float32"), lora_rank=rank,
+    policy = load_policy(base, dtype=_param_dtype(cfg), lora_rank=rank,
                          lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
                          lora_target_modules=lora.get("target_modules", "all-linear"), seed=cfg.get("seed", 0))
     try:
-        state = load_hook_state(ckpt, "model", manifest)
+        state = read_hook_state(ckpt, "model", check=False)  # verified above; several ranks: gathered
         load_policy_state(policy, state)
     except (CheckpointError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -164,6 +166,14 @@ def load_checkpoint_policy(checkpoint: str | os.PathLike, base_model: str | os.P
                           "Pass the run's base model with --base-model") from None
     policy.eval()
     return policy, base, manifest
+
+
+def _param_dtype(cfg: dict) -> str:
+    """The dtype the run kept its weights in: fp32 for fp32 and bf16-mixed (master weights), bf16 for pure bf16
+    (`precision`; rlswift 0.1 runs saved it as `dtype`)."""
+    if "precision" in cfg:
+        return "bfloat16" if cfg["precision"] == "bf16" else "float32"
+    return cfg.get("dtype", "float32")
 
 
 def _merged_model(policy: Any, base: Path, dtype: str) -> Any:
@@ -216,7 +226,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mer
             policy.peft_config[policy.active_adapter].base_model_name_or_path = str(base.resolve())
             policy.save_pretrained(str(tmp))
         else:
-            model = _merged_model(policy, base, cfg.get("dtype", "float32")) if lora else policy
+            model = _merged_model(policy, base, _param_dtype(cfg)) if lora else policy
             model.save_pretrained(str(tmp))
             gen = base / "generation_config.json"
             if gen.is_file() and not (tmp / "generation_config.json").exists():

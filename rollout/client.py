@@ -146,6 +146,10 @@ class RemoteEngine:
                 self._restart()
 
     # ------------------------------------------------------------------ protocol
+    def server_pid(self) -> int | None:
+        """The pid of the server this client launched (None when it connected to one by URL)."""
+        return self._proc.pid if self._proc is not None else None
+
     def health(self) -> dict:
         """The server's /health answer."""
         return self._call("GET", "/health")

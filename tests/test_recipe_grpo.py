@@ -79,6 +79,10 @@ VARIANTS = {
     # epoch. kill@4 resumes from checkpoint-3, in the middle of a block; term@4 saves exactly on an epoch boundary.
     "iterations_epoch": (["num_iterations=2", "gradient_accumulation_steps=2", "num_prompts=8", "max_steps=6"],
                          ["kill@4", "term@4"], 6),
+    # One-step off-policy GRPO: the next batch is sampled while the policy trains. Stops before the next batch is
+    # launched (term@5: saved with the next batch in it), while it is in flight, and after it was made.
+    "async_generation": (["async_generation=true", "max_steps=6"],
+                         ["term@5", "kill-inflight@5", "kill-generated@4"], 6),
     # LoRA, the transformers engine, KL to the reference (adapter off) and dynamic sampling, together.
     # bf16 autocast over fp32 master weights with a bf16 engine, gradient checkpointing: exact in every mode.
     "mixed_precision_gc": (["precision=bf16-mixed", "gradient_checkpointing=true", "max_steps=5"], ["kill@4"], 5),

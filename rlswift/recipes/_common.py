@@ -328,15 +328,17 @@ def first_last_means(metrics_path: Path, keys: list[str], k_max: int) -> tuple[i
     return k, {key: (mean(key, rows[:k]), mean(key, rows[-k:])) for key in keys}
 
 
-def fault_point(step: int, rank: int = 0) -> None:
-    """Test hook: ``RLSWIFT_FAULT=kill@N`` SIGKILLs, ``term@N`` SIGTERMs this process in the middle of step N.
+def fault_point(step: int, rank: int = 0, point: str = "") -> None:
+    """Test hook: ``RLSWIFT_FAULT=kill@N`` SIGKILLs, ``term@N`` SIGTERMs this process in the middle of step N;
+    a named ``point`` answers to ``kill-POINT@N`` / ``term-POINT@N`` (e.g. kill-inflight@N: while async
+    generation of the next batch runs).
 
     Under torchrun every rank reads the variable: ``kill@N:R`` / ``term@N:R`` hit rank R only; faults never fire
     again after a torchrun restart (see `checkpoint.writer.fault_requested`)."""
     from rlswift.checkpoint.writer import fault_requested
 
     for kind, sig in (("kill", signal.SIGKILL), ("term", signal.SIGTERM)):
-        if fault_requested(kind, step, rank):
+        if fault_requested(kind + (f"-{point}" if point else ""), step, rank):
             sys.stdout.flush()
             sys.stderr.flush()
             os.kill(os.getpid(), sig)

@@ -23,7 +23,9 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import math  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -37,6 +39,7 @@ from rlswift.algorithms.grpo import accumulation_scale, nanstd, policy_loss  # n
 from rlswift.algorithms.grpo_batch import GenerationBatch, Group, assemble_batch  # noqa: E402
 from rlswift.algorithms.logprobs import completion_logprobs  # noqa: E402
 from rlswift.algorithms.shared_prompt import shared_prompt_fallback_reason  # noqa: E402
+from rlswift.checkpoint.writer import fault_requested  # noqa: E402
 from rlswift.data.prompts import load_prompt_dataset, render_prompt  # noqa: E402
 from rlswift.distributed import (  # noqa: E402
     ConfigMismatchError,
@@ -135,6 +138,18 @@ class VLLMSettings:
 
 
 @dataclass
+class RemoteSettings:
+    url: str | None = None
+    """Use a running `python -m rollout.serve` at this URL; unset = launch one (engine=remote)."""
+    engine: Literal["vllm", "hf"] = "vllm"
+    """The engine inside a launched server."""
+    cuda_visible_devices: str | None = None
+    """GPUs of a launched server (e.g. "1": the engine on its own GPU beside a trainer on GPU 0)."""
+    weight_transport: Literal["auto", "http", "gloo", "nccl"] = "auto"
+    """How weights reach the server: a process group (nccl on GPU, gloo on CPU) or safetensors over HTTP."""
+
+
+@dataclass
 class GRPOConfig:
     output_dir: str = "runs/grpo-demo"
     """Run folder: config.yaml, metrics.jsonl, trajectories.jsonl, checkpoint-*/, latest, reward.png."""
@@ -183,8 +198,15 @@ class GRPOConfig:
     """Nucleus sampling threshold."""
     top_k: int = 0
     """Top-k sampling; 0 turns it off."""
-    engine: Literal["vllm", "hf"] = "vllm"
-    """Rollout engine: 'vllm' (in-process vLLM) or 'hf' (transformers, per-sample generators)."""
+    engine: Literal["vllm", "hf", "remote"] = "vllm"
+    """Rollout engine: 'vllm' (in-process vLLM), 'hf' (transformers, per-sample generators) or 'remote' (a
+    `rollout.serve` process, e.g. on its own GPU: see remote.*)."""
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
+    """engine=remote: the server to use or launch, and the weight transport."""
+    async_generation: bool = False
+    """One-step off-policy GRPO: the engine samples the next batch (with the weights before this step's update)
+    while the policy trains on this one; the loss's importance ratio uses the sampling policy's log-probs.
+    Resumes exactly (the next batch is in every checkpoint). Needs num_iterations=1."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
     """vLLM engine settings (memory, CUDA graphs, batching, sleep mode)."""
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
@@ -283,6 +305,9 @@ def validate(cfg: GRPOConfig) -> None:
     for key in ("max_steps", "save_steps", "num_iterations", "prompts_per_step", "max_completion_length"):
         if getattr(cfg, key) < 1:
             raise cfglib.ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
+    if cfg.async_generation and cfg.num_iterations != 1:
+        raise cfglib.ConfigError(f"async_generation=true needs num_iterations=1 (got {cfg.num_iterations}): the "
+                                 "off-policy batch is already one step old")
     if not 0 < cfg.vllm.gpu_memory_utilization <= 1:
         raise cfglib.ConfigError(f"vllm.gpu_memory_utilization={cfg.vllm.gpu_memory_utilization} must be in (0, 1]")
 
@@ -304,11 +329,24 @@ def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: t
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager)
         else:
             kwargs.update(kv_cache_gib=v.kv_cache_gib)
+    elif cfg.engine == "remote":
+        r = cfg.remote
+        kwargs = {"url": r.url} if r.url else {
+            "engine": r.engine, "seed": cfg.seed, "weight_transport": r.weight_transport,
+            "env": {"CUDA_VISIBLE_DEVICES": r.cuda_visible_devices} if r.cuda_visible_devices else None,
+            **({"kv_cache_gib": cfg.vllm.kv_cache_gib} if r.engine == "vllm" and device.type == "cpu" else {}),
+            **({"gpu_memory_utilization": cfg.vllm.gpu_memory_utilization} if r.engine == "vllm"
+               and device.type == "cuda" else {})}
+        if r.url:
+            kwargs["weight_transport"] = r.weight_transport
     else:
         kwargs = {"device": str(device)}
     snapshot = rng.state_dict()
-    engine = make_engine(cfg.engine, str(model_path), dtype=engine_dtype,
-                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length, **kwargs)
+    if cfg.engine == "remote" and cfg.remote.url:
+        engine = make_engine("remote", str(model_path), **kwargs)
+    else:
+        engine = make_engine(cfg.engine, str(model_path), dtype=engine_dtype,
+                             max_model_len=cfg.max_prompt_length + cfg.max_completion_length, **kwargs)
     rng.load_state_dict(snapshot)
     return engine
 
@@ -377,7 +415,8 @@ def batch_logprobs(run, batch: GenerationBatch, rows: slice, cfg: GRPOConfig, de
 @torch.no_grad()
 def frozen_logprobs(run, ref_run, batch: GenerationBatch, cfg: GRPOConfig, device, precision,
                     info: DistInfo) -> None:
-    """Fill the batch's old log-probs (num_iterations > 1) and reference log-probs (beta > 0), on the CPU.
+    """Fill the batch's old log-probs (num_iterations > 1 or async_generation: the policy that sampled it) and
+    reference log-probs (beta > 0), on the CPU.
 
     Several ranks: each computes its rows, then every rank gathers the whole batch's (the batch is replicated)."""
     rows = rank_rows(batch.num_rows, info)
@@ -385,7 +424,7 @@ def frozen_logprobs(run, ref_run, batch: GenerationBatch, cfg: GRPOConfig, devic
         batch.input_ids, batch.attention_mask, batch.logits_to_keep, info, 0, 1))
     run.model.eval()
     with autocast(device, precision):
-        if cfg.num_iterations > 1:  # the policy that sampled, frozen for the whole block
+        if cfg.num_iterations > 1 or cfg.async_generation:  # the policy that sampled, frozen for the whole block
             batch.old_logprobs = gather_rows(batch_logprobs(run, batch, rows, cfg, device, shared_prompt=shared).cpu(),
                                              info)
         if cfg.beta > 0:
@@ -404,8 +443,11 @@ def frozen_logprobs(run, ref_run, batch: GenerationBatch, cfg: GRPOConfig, devic
 
 
 def update_policy(run, params, optimizer, scheduler, batch: GenerationBatch, cfg: GRPOConfig, device,
-                  precision, info: DistInfo) -> tuple[float, dict[str, float], float]:
+                  precision, info: DistInfo, before_step=None) -> tuple[float, dict[str, float], float]:
     """One optimizer step on the batch (gradient accumulation over micro-batches): (loss, metrics, grad norm).
+
+    ``before_step()`` runs after the backward passes, before the weights change (async generation finishes the
+    next batch there: its old log-probs are those of the policy that sampled it).
 
     Several ranks: each trains on its block of rows (cut into the micro-batches), each loss normalised by counts of
     the whole batch (`grpo_loss_scale`); FSDP2 sums the gradients; loss and metrics are over every rank."""
@@ -438,6 +480,8 @@ def update_policy(run, params, optimizer, scheduler, batch: GenerationBatch, cfg
         for key, v in m.items():
             stats[key] = stats.get(key, 0.0) + (v if info.distributed else v / gas)
     run.release()
+    if before_step is not None:
+        before_step()
     grad_norm = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the optimizer's kernels belong to this step's timing
@@ -476,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = cfg.prompts_per_step * cfg.num_generations
     check_distributed(cfg, info, {"prompts_per_step": (cfg.prompts_per_step, 1),
                                   "prompts_per_step * num_generations": (rows, cfg.gradient_accumulation_steps)})
+    if cfg.async_generation and info.distributed:  # its gathers would race FSDP2's collectives on one group
+        raise cfglib.ConfigError("async_generation=true runs in one process for now (engine=remote puts the engine "
+                                 "on its own GPU); under torchrun use async_generation=false")
     out = Path(cfg.output_dir)
     run_lock = prepare_run(out, cfg, "grpo", info)  # noqa: F841 - held (by rank 0) for the run
     reward_funcs = resolve_reward_funcs(cfg.reward_funcs)
@@ -579,6 +626,26 @@ def main(argv: list[str] | None = None) -> int:
                 pending.add(g.to_state())
         return groups, dropped
 
+    def make_batch(step: int, timings: dict[str, float]) -> tuple[GenerationBatch, list[Group]]:
+        """Sample, score and pad the generation batch trained on at ``step`` (async: on the generator thread)."""
+        groups, dropped = collect_groups(step, timings)
+        engine.sleep()  # frees vLLM's KV cache while the policy trains (vllm.enable_sleep_mode; else a no-op)
+        progress.epoch = sampler.epoch
+        return assemble_batch(groups, pad_id, cfg.scale_rewards, dropped), groups
+
+    def keep_batch(step: int, batch: GenerationBatch, groups: list[Group]) -> None:
+        """Add the frozen log-probs, put the batch in its state hook and its samples in trajectories.jsonl."""
+        with deterministic_kernels(cfg.deterministic):
+            frozen_logprobs(run, ref_run, batch, cfg, device, precision, info)
+        gen_buffer.clear()
+        gen_buffer.add(batch.to_state())
+        if info.is_main:
+            log_trajectories(traj_log, step, groups, batch, tokenizer, cfg.reward_funcs)
+
+    # Async generation: one worker thread runs make_batch while the main thread trains; the main thread waits for
+    # it before the optimizer step, so no generation is ever in flight at a step boundary (or in a checkpoint).
+    generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlswift-generate") \
+        if cfg.async_generation else None
     synced = {"all": False}
 
     def sync_engine() -> float:
@@ -603,35 +670,41 @@ def main(argv: list[str] | None = None) -> int:
             reset_peak_memory(device)
             timings = {"rollout": 0.0, "reward": 0.0, "sync": 0.0, "generated_tokens": 0}
 
-            # ---- collect: a new generation batch every num_iterations steps ----
-            if (step - 1) % cfg.num_iterations == 0:
+            # ---- collect: a new generation batch every num_iterations steps (async: made during the last step) ----
+            if (step - 1) % cfg.num_iterations == 0 and not (cfg.async_generation and len(gen_buffer)):
                 timings["sync"] = sync_engine()
-                groups, dropped = collect_groups(step, timings)
-                engine.sleep()  # frees vLLM's KV cache while the policy trains (vllm.enable_sleep_mode; else a no-op)
-                progress.epoch = sampler.epoch
-                batch = assemble_batch(groups, pad_id, cfg.scale_rewards, dropped)
-                with deterministic_kernels(cfg.deterministic):
-                    frozen_logprobs(run, ref_run, batch, cfg, device, precision, info)
-                gen_buffer.clear()
-                gen_buffer.add(batch.to_state())
-                if info.is_main:
-                    log_trajectories(traj_log, step, groups, batch, tokenizer, cfg.reward_funcs)
+                keep_batch(step, *make_batch(step, timings))
             batch = GenerationBatch.from_state(gen_buffer.items()[0])
             fault_point(step, info.rank)  # test hook: RLSWIFT_FAULT=kill@N / term@N[:rank] stops here, mid-step
+            next_batch = None
+            if cfg.async_generation:  # the next batch, sampled with the weights before this step's update
+                timings["sync"] += sync_engine()
+                next_batch = generator.submit(make_batch, step + 1, timings)
+                fault_point(step, info.rank, "inflight")
+                if fault_requested("kill-engine", step, info.rank):  # test hook: the engine server dies mid-generation
+                    os.kill(engine.server_pid(), signal.SIGKILL)
+
+            def finish_next_batch() -> None:
+                """Async: wait for the next batch and keep it (with its sampling policy's log-probs) for step+1."""
+                t0 = time.perf_counter()
+                next_groups = next_batch.result()
+                timings["wait"] = time.perf_counter() - t0
+                keep_batch(step + 1, *next_groups)
+                fault_point(step, info.rank, "generated")
 
             # ---- update ----
             t0 = time.perf_counter()
             with deterministic_kernels(cfg.deterministic):
                 loss, stats, grad_norm = update_policy(run, params, optimizer, scheduler, batch, cfg, device,
-                                                       precision, info)
+                                                       precision, info, finish_next_batch if next_batch else None)
             t_train = time.perf_counter() - t0
 
             # ---- bookkeeping and log ----
             progress.step = step
             progress.samples_seen += batch.num_rows
             progress.tokens_seen += int(batch.completion_mask.sum())
-            if step % cfg.num_iterations == 0:
-                gen_buffer.clear()  # the block is used up; don't carry it in checkpoints
+            if step % cfg.num_iterations == 0 and not cfg.async_generation:
+                gen_buffer.clear()  # the block is used up; don't carry it in checkpoints (async: it is the next one)
             lens = batch.completion_mask.sum(1)
             record = {
                 "step": step, "epoch": progress.epoch, "loss": loss,
@@ -674,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     if bar is not None:
         bar.close()
     ckpt.close()  # waits for an async save and mirror uploads
+    if generator is not None:
+        generator.shutdown()
     engine.close()
     if info.is_main:
         for log in (metrics_log, traj_log, trackers):

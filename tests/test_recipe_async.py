@@ -1,0 +1,39 @@
+"""Async GRPO with the engine in its own process (engine=remote, weights over a gloo process group), on the CPU.
+
+The engine server is a second process on loopback, as it would be on its own GPU (NCCL there). Checked: the remote
+engine samples exactly what the in-process one does; a killed engine server (not the trainer) is relaunched, gets the
+weights again and the run goes on unchanged. Trainer kills at every phase of the async pipeline are in
+test_recipe_grpo.py (variant async_generation).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from e2e import compare_runs, run_cli
+from rlswift.runlog import read_jsonl
+
+pytestmark = pytest.mark.slow
+BASE = ["-m", "rlswift.recipes.grpo", "--config", "recipes/grpo_tiny.yaml", "max_steps=4",
+        "reward_funcs=[accuracy,userland.custom.digit_reward]", "async_generation=true"]
+REMOTE = ["engine=remote", "remote.engine=vllm", "remote.weight_transport=gloo", "vllm.kv_cache_gib=1"]
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_remote_engine_matches_in_process_and_survives_a_killed_server(tmp_path, rlswift_cache):
+    local, remote, killed = tmp_path / "local", tmp_path / "remote", tmp_path / "killed"
+    ok(run_cli([*BASE, f"output_dir={local}", "vllm.kv_cache_gib=1"], rlswift_cache))
+    ok(run_cli([*BASE, f"output_dir={remote}", *REMOTE], rlswift_cache))
+    a, b = list(read_jsonl(local / "trajectories.jsonl")), list(read_jsonl(remote / "trajectories.jsonl"))
+    assert len(a) == len(b) == 5 * 16  # 4 steps + the batch sampled during the last one
+    assert [r["completion_ids"] for r in a] == [r["completion_ids"] for r in b]
+
+    # The server is SIGKILLed while it generates the batch for step 3; the client relaunches it, re-sends the
+    # weights and repeats the request: the run is the same as the undisturbed one.
+    proc = ok(run_cli([*BASE, f"output_dir={killed}", *REMOTE], rlswift_cache, fault="kill-engine@2"))
+    assert "died" in proc.stderr
+    compare_runs(remote, killed, 4)
