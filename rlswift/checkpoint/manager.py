@@ -38,6 +38,7 @@ from rlswift.checkpoint.retention import best_checkpoint, select_deletions
 from rlswift.checkpoint.writer import (Stager, commit, encode_hooks, fault_requested, fsync_path, hook_file_stem,
                                        is_disk_full, optimizer_storages, plain_json, read_pointer, write_manifest,
                                        write_pointer, write_tmp)
+from rlswift.state.registry import hook_name_mismatch
 
 # The read side lives in reader.py; it is re-exported here so `from rlswift.checkpoint.manager import
 # read_manifest` (recipes, scripts) keeps working.
@@ -409,12 +410,9 @@ class CheckpointManager:
         p, manifest = loaded.path, loaded.manifest
         if not loaded.decoded:
             return self._apply_ranks(loaded, hooks, strict)
-        saved, registered = list(manifest["hooks"]), list(hooks)
-        missing = [n for n in registered if n not in manifest["hooks"]]
-        unexpected = [n for n in saved if n not in hooks]
-        if missing or unexpected:
-            msg = (f"checkpoint {p} and the registered hooks differ: registered but not saved {missing}, saved "
-                   f"but not registered {unexpected} (saved: {saved}; registered: {registered})")
+        problem = hook_name_mismatch(manifest["hooks"], hooks)
+        if problem:
+            msg = f"checkpoint {p} and the registered hooks differ: {problem}"
             if strict:
                 raise CheckpointError(msg + "; register the same hooks as the saving run, or load with "
                                             "strict=False to skip them")

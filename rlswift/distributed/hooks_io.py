@@ -31,6 +31,7 @@ from rlswift.distributed.dcp_storage import fsync_path, write_durable
 from rlswift.distributed.launch import DistInfo, all_gather_json
 from rlswift.distributed.rank_state import load_rank_state, save_rank_state, saved_world_size
 from rlswift.distributed.train_state import checkpoint_kind
+from rlswift.state.registry import hook_name_mismatch
 
 __all__ = ["write_hooks", "read_hooks", "sharded_subdir", "agree"]
 
@@ -147,13 +148,10 @@ def read_hooks(folder: str | os.PathLike, manifest: dict, hooks: Mapping[str, An
     """
     folder = Path(folder)
     step = int(manifest.get("step", 0)) if step is None else step
-    saved, registered = list(manifest["hooks"]), list(hooks)
-    missing = [n for n in registered if n not in manifest["hooks"]]
-    unexpected = [n for n in saved if n not in hooks]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {folder} and the registered hooks differ: registered but not saved "
-                              f"{missing}, saved but not registered {unexpected} (saved: {saved}; registered: "
-                              f"{registered}); register the same hooks as the saving run")
+    problem = hook_name_mismatch(manifest["hooks"], hooks)
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} and the registered hooks differ: {problem}; register the same "
+                              "hooks as the saving run")
 
     def decode_all() -> dict[str, Any]:
         decoded: dict[str, Any] = {}

@@ -8,7 +8,7 @@ Hook names become file names inside a checkpoint (``hooks/{name}.json``), so the
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
 from rlswift.registry import Registry, import_dotted
 
@@ -41,6 +41,18 @@ def check_hook(name: str, hook: object) -> None:
             f"state hook {name!r} ({type(hook).__name__}) lacks callable {' and '.join(missing)}; a hook needs "
             f"state_dict() -> structure and load_state_dict(structure) (torch's Stateful protocol)"
         )
+
+
+def hook_name_mismatch(saved: Iterable[str], registered: Iterable[str]) -> str:
+    """'' when the saved and the registered hook names are the same sets, else what differs, by name (the one
+    check a checkpoint load makes before touching any hook)."""
+    saved, registered = list(saved), list(registered)
+    missing = [n for n in registered if n not in saved]
+    unexpected = [n for n in saved if n not in registered]
+    if not (missing or unexpected):
+        return ""
+    return (f"registered but not saved {missing}, saved but not registered {unexpected} (saved: {saved}; "
+            f"registered: {registered})")
 
 
 class StateRegistry(Registry[object]):
@@ -94,13 +106,12 @@ class StateRegistry(Registry[object]):
         names = self.names()
         missing = [n for n in names if n not in state_dict]
         unexpected = [n for n in state_dict if n not in self]
-        if strict and (missing or unexpected):
+        problem = hook_name_mismatch(state_dict, names)
+        if strict and problem:
             raise StateMismatchError(
-                "checkpoint state does not match the registered state hooks: "
-                f"missing from the checkpoint: {missing or '[]'}; "
-                f"unexpected in the checkpoint (no hook registered): {unexpected or '[]'}. "
-                "Register the same hooks as the run that saved it, or load with strict=False to load the common "
-                "hooks and leave the others untouched."
+                f"checkpoint state does not match the registered state hooks: {problem}. Register the same hooks "
+                "as the run that saved it, or load with strict=False to load the common hooks and leave the others "
+                "untouched."
             )
         for name in names:
             if name in state_dict:
