@@ -153,18 +153,21 @@ def part_table(runs: dict[str, list[dict]], names: dict[str, str], keys: tuple[s
 # ------------------------------------------------------------------------------------------------ rlswift side
 
 
-def run_recipe(recipe: str, a: argparse.Namespace, out: Path, overrides: list[str]) -> tuple[list[dict], float]:
-    """Run `python -m rlswift.recipes.<recipe>` with the bench's fixed overrides + `overrides`, into `out`.
+def run_recipe(recipe: str, a: argparse.Namespace, out: Path, overrides: list[str],
+               prefix: list[str] | None = None) -> tuple[list[dict], float]:
+    """Run `python -m rlswift.recipes.<recipe>` with the bench's fixed overrides + `overrides`, into `out`
+    (``prefix``: a command to run it under, e.g. a profiler).
 
     Returns (metrics.jsonl records, wall seconds); raises RuntimeError with the output's tail when the recipe fails.
     """
     from rlswift.runlog import read_jsonl
 
-    cmd = [sys.executable, "-m", f"rlswift.recipes.{recipe}", "--config", a.config, f"output_dir={out}",
-           "overwrite=true", f"model={a.model}", f"max_steps={a.steps}", f"save_steps={a.save_steps}",
-           "save_total_limit=2", "progress_bar=false", "plot=false", "lr_scheduler=constant", "warmup_steps=0",
-           "precision=fp32", *overrides, *a.set]  # --set last: it wins
-    print("$ " + " ".join(cmd[1:]).replace(str(REPO) + "/", ""), flush=True)
+    cmd = [*(prefix or []), sys.executable, "-m", f"rlswift.recipes.{recipe}", "--config", a.config,
+           f"output_dir={out}", "overwrite=true", f"model={a.model}", f"max_steps={a.steps}",
+           f"save_steps={a.save_steps}", "save_total_limit=2", "progress_bar=false", "plot=false",
+           "lr_scheduler=constant", "warmup_steps=0", "precision=fp32", *overrides, *a.set]  # --set last: it wins
+    shown = cmd[len(prefix or []) + 1:]  # from "-m": the recipe's own arguments
+    print("$ " + " ".join(shown).replace(str(REPO) + "/", ""), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0

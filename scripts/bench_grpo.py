@@ -19,7 +19,9 @@ The mean completion length of each side is printed so a reader can see the work 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(default: the preset's)")
     ap.add_argument("--prompts-per-step", type=int, default=None, help="groups per step (default: the preset's)")
     ap.add_argument("--num-generations", type=int, default=None, help="samples per prompt (default: the preset's)")
+    ap.add_argument("--py-spy", default=None, metavar="OUT.txt",
+                    help="first, one extra rlswift run (not timed) under `py-spy record` (pip install py-spy): its "
+                         "raw profile goes to OUT.txt and the samples per part of the step are printed")
     return ap.parse_args(argv)
 
 
@@ -83,6 +88,64 @@ def run_rlswift(a: argparse.Namespace, s: dict, model_path: Path, out: Path, ckp
             "save_s": saves, "reward_first": recs[0]["reward"], "reward_last": recs[-1]["reward"],
             "completion_length": [r["completion_length"] for r in recs], "run_dir": str(out),
             "checkpoint": _bench.checkpoint_stats(out, model_path, s) if ckpt_stats else {}}
+
+
+# Parts of the GRPO step, matched in this order against a sample's Python frames: (part, frame markers, sub-parts).
+PROFILE_PARTS = [
+    ("sync", ("sync_engine",), (("vLLM repack (process_weights_after_loading)", "process_weights_after_loading"),
+                                ("weight copy / load_weights", ""))),
+    ("rollout", ("generate_groups",), (("vLLM model forward (execute_model)", "execute_model"),
+                                       ("sampling", "sample"), ("other", ""))),
+    ("train", ("update_policy",), (("clip_grad_norm", "clip_grad_norm"), ("optimizer.step", "optimizer_step"),
+                                   ("backward", "backward"), ("forward (log-probs, entropy)", "batch_logprobs"),
+                                   ("other (loss, metrics)", ""))),
+    ("checkpoint save", ("CheckpointManager.save",), (("", ""),)),
+    ("startup / shutdown", ("start_engine", "load_policy", "load_tokenizer", "resolve_model", "make_reference",
+                            "build_run_optimizer", "load_prompt_dataset", "VLLMEngine.close", "summarize",
+                            "plot_rewards"), (("", ""),)),
+    ("other in the step loop (batch assembly, logging)", ("main (rlswift/recipes/grpo.py",), (("", ""),)),
+]
+
+
+def profile_split(raw: Path) -> dict[str, dict[str, int]]:
+    """Samples of a `py-spy record -f raw` profile of the recipe by part of the step (and sub-part); samples outside
+    the step loop (imports, model load, engine start and shutdown) go to "startup / shutdown"."""
+    split: dict[str, dict[str, int]] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        part, sub = "startup / shutdown", ""
+        for name, markers, subs in PROFILE_PARTS:
+            if any(m in stack for m in markers):
+                part, sub = name, next(label for label, m in subs if m in stack)
+                break
+        split.setdefault(part, {})
+        split[part][sub] = split[part].get(sub, 0) + int(n)
+    return split
+
+
+def run_profiled(a: argparse.Namespace, s: dict, model_path: Path) -> None:
+    """One rlswift run under py-spy (25 samples/s, raw collapsed stacks to a.py_spy), then its split."""
+    beside = Path(sys.executable).parent / "py-spy"  # a venv's bin is not always on PATH
+    spy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if not spy:
+        raise SystemExit("--py-spy needs the py-spy command: pip install py-spy")
+    out = Path(tempfile.mkdtemp(prefix="bench_grpo_profile_"))
+    try:
+        overrides = [f"engine={a.engine}"] + [f"{k}={v}" for k, v in s.items() if k != "reward_funcs"]
+        _bench.run_recipe("grpo", a, out / "run", overrides,
+                          prefix=[spy, "record", "-r", "25", "-f", "raw", "-o", a.py_spy, "--"])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    split = profile_split(Path(a.py_spy))
+    in_loop = sum(sum(v.values()) for k, v in split.items() if k != "startup / shutdown")
+    print(f"\n-- py-spy profile of one rlswift run ({a.py_spy}): samples per part of the step, all steps (step 1 "
+          "included); % of the samples inside the step loop")
+    for part, subs in sorted(split.items(), key=lambda kv: -sum(kv[1].values())):
+        n = sum(subs.values())
+        print(f"{part:40s} {n:6d} " + (f"{100 * n / in_loop:5.1f}%" if part != "startup / shutdown" else ""))
+        for sub, m in sorted(subs.items(), key=lambda kv: -kv[1]):
+            if sub and part != "startup / shutdown":
+                print(f"    {sub:36s} {m:6d} {100 * m / in_loop:5.1f}%")
 
 
 # ------------------------------------------------------------------------------------------------ TRL side
@@ -190,6 +253,10 @@ def report(a, s, model_path, runs: dict[str, list[dict]]) -> None:
 
 
 def main() -> int:
+    if ARGS.py_spy and not ARGS.trl_worker:
+        from rlswift.models import resolve_model
+
+        run_profiled(ARGS, settings(ARGS), resolve_model(ARGS.model))
     return _bench.main(ARGS, settings(ARGS), "bench_grpo", "GRPOTrainer", Path(__file__).resolve(), run_rlswift,
                        run_trl, report)
 

@@ -54,7 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="default: dpo 5e-6 (smollm2) / 1e-3 (tiny); grpo 1e-3 (tiny) / 1e-5 (smollm2)")
     ap.add_argument("--lr-scheduler", default="linear", choices=["constant", "linear", "cosine"],
                     help="both sides (default linear, TRL's default)")
+    ap.add_argument("--warmup-steps", type=int, default=0,
+                    help="linear warmup steps, both sides (rlswift's warmup starts at lr/(w+1), TRL's at 0: the lr "
+                         "check shows where they differ)")
     ap.add_argument("--batch-size", type=int, default=4, help="DPO pairs per step (default 4)")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="DPO micro-batches per step, both sides (rlswift gradient_accumulation_steps; TRL "
+                         "per_device_train_batch_size = batch-size / grad-accum)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-free-run", action="store_true", help="GRPO: only the replay check")
     ap.add_argument("--trl-shuffle", action="store_true",
@@ -84,14 +90,15 @@ def run_recipe(recipe: str, out: Path, overrides: list[str]) -> tuple[list[dict]
     return list(read_jsonl(out / "metrics.jsonl")), time.perf_counter() - t0
 
 
-def trl_args(a: argparse.Namespace, lr: float, out: Path) -> dict:
+def trl_args(a: argparse.Namespace, lr: float, out: Path, grad_accum: int = 1) -> dict:
     """TrainingArguments both TRL trainers get: fp32, the schedule and seed of the rlswift run, fused AdamW (TRL's
     default and rlswift's), no weight decay, clip 1.0, one log line per step."""
     return dict(output_dir=str(out), report_to="none", save_strategy="no", use_cpu=True, bf16=False, fp16=False,
-                gradient_checkpointing=False, learning_rate=lr, lr_scheduler_type=a.lr_scheduler, warmup_steps=0,
+                gradient_checkpointing=False, learning_rate=lr, lr_scheduler_type=a.lr_scheduler,
+                warmup_steps=a.warmup_steps,
                 weight_decay=0.0, max_grad_norm=1.0, max_steps=a.steps, seed=a.seed, data_seed=a.seed,
                 logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, optim="adamw_torch_fused",
-                gradient_accumulation_steps=1)
+                gradient_accumulation_steps=grad_accum)
 
 
 def trl_history(trainer) -> list[dict]:
@@ -120,9 +127,10 @@ def print_curves(title: str, rows: dict[str, tuple[list[float], list[float]]], e
         print(f"{name:>18s}  {cells}")
 
 
-def lr_used(recorded: list[float], first: float) -> list[float]:
+def lr_used(recorded: list[float], peak: float, warmup_steps: int) -> list[float]:
     """rlswift's ``lr`` field is read after ``scheduler.step()`` (the next step's rate); TRL logs the rate the step
-    used. Shift rlswift's by one (``first``: the schedule's rate at step 1) so both mean "the lr of this step"."""
+    used. Shift rlswift's by one (the first: its schedule's rate at step 1) so both mean "the lr of this step"."""
+    first = peak / (warmup_steps + 1) if warmup_steps else peak  # rlswift's build_scheduler at step index 0
     return [first, *recorded[:-1]]
 
 
@@ -153,14 +161,20 @@ def dpo(a: argparse.Namespace, tmp: Path) -> dict:
     model = a.model or "smollm2-135m"
     lr = a.learning_rate or (1e-3 if model == "tiny" else 5e-6)
     B, beta, max_p, max_c = a.batch_size, 0.1, 256, 64
+    if B % a.grad_accum:
+        raise SystemExit(f"--grad-accum {a.grad_accum} must divide --batch-size {B}")
+    mb = B // a.grad_accum  # pairs per micro-batch
     model_path = resolve_model(model)
-    print(f"\n== DPO parity: model={model}, {a.steps} steps x {B} pairs, lr {lr} ({a.lr_scheduler}, no warmup), beta "
+    print(f"\n== DPO parity: model={model}, {a.steps} steps x {B} pairs ({a.grad_accum} micro-batches), lr {lr} "
+          f"({a.lr_scheduler}, warmup {a.warmup_steps}), beta "
           f"{beta}, sigmoid loss, fp32, seed {a.seed}, threads={os.environ['OMP_NUM_THREADS']}, "
           f"load {_bench.load1():.1f}", flush=True)
 
     recs, wall = run_recipe("dpo", tmp / "rlswift-dpo", [
-        f"model={model}", "dataset=arithmetic", f"batch_size={B}", f"learning_rate={lr}",
-        f"lr_scheduler={a.lr_scheduler}", "warmup_steps=0", f"max_steps={a.steps}", f"save_steps={a.steps}",
+        f"model={model}", "dataset=arithmetic", f"batch_size={B}", f"gradient_accumulation_steps={a.grad_accum}",
+        f"learning_rate={lr}",
+        f"lr_scheduler={a.lr_scheduler}", f"warmup_steps={a.warmup_steps}", f"max_steps={a.steps}",
+        f"save_steps={a.steps}",
         f"seed={a.seed}", f"beta={beta}", "loss_type=sigmoid", "label_smoothing=0.0", f"max_prompt_length={max_p}",
         f"max_completion_length={max_c}", "max_grad_norm=1.0", "weight_decay=0.0"])
     print(f"rlswift: {len(recs)} steps in {wall:.0f} s", flush=True)
@@ -174,6 +188,7 @@ def dpo(a: argparse.Namespace, tmp: Path) -> dict:
     examples = [tokenize_preference(tok, r, max_p, max_c) for r in ordered]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     mismatched: list[int] = []
+    seen: list[int] = []
 
     class InOrderDPOTrainer(DPOTrainer):
         """DPOTrainer reading its dataset front to back (rlswift's order) and checking each batch's tokens."""
@@ -185,8 +200,9 @@ def dpo(a: argparse.Namespace, tmp: Path) -> dict:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training and not a.trl_shuffle:
-                step = self.state.global_step
-                ex = examples[step * B:(step + 1) * B]
+                m = len(seen)  # micro-batches so far: rlswift's rows are cut the same way, in the same order
+                seen.append(m)
+                ex = examples[m * mb:(m + 1) * mb]
                 want = concatenated_batch(pad, [e["prompt_ids"] for e in ex], [e["chosen_ids"] for e in ex],
                                           [e["rejected_ids"] for e in ex])
                 got = {k: inputs[k].cpu() for k in ("input_ids", "attention_mask", "completion_mask")}
@@ -195,10 +211,11 @@ def dpo(a: argparse.Namespace, tmp: Path) -> dict:
                     got["completion_mask"], want["completion_mask"]) and torch.equal(
                     got["input_ids"] * got["attention_mask"], want["input_ids"] * want["attention_mask"])
                 if not same:
-                    mismatched.append(step + 1)
+                    mismatched.append(m // a.grad_accum + 1)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    cfg = DPOConfig(**trl_args(a, lr, tmp / "trl-dpo"), per_device_train_batch_size=B, max_length=max_p + max_c,
+    cfg = DPOConfig(**trl_args(a, lr, tmp / "trl-dpo", a.grad_accum), per_device_train_batch_size=mb,
+                    max_length=max_p + max_c,
                     beta=beta, loss_type=["sigmoid"], label_smoothing=0.0, precompute_ref_log_probs=False)
     from transformers import AutoModelForCausalLM, PrinterCallback
 
@@ -218,7 +235,7 @@ def dpo(a: argparse.Namespace, tmp: Path) -> dict:
             "grad_norm": ("grad_norm", "grad_norm"), "lr after step": ("lr", "learning_rate")}
     curves = {name: ([r[k1] for r in recs], [h[k2] for h in hist]) for name, (k1, k2) in keys.items()}
     rl_lr, trl_lr = curves.pop("lr after step")
-    curves["lr of the step"] = (lr_used(rl_lr, lr), trl_lr)
+    curves["lr of the step"] = (lr_used(rl_lr, lr, a.warmup_steps), trl_lr)
     print_curves("DPO curves", {k: v for k, v in curves.items() if k != "accuracy"})
     # Tolerances: the two sides run other fp32 kernels (TRL's fused LM-head log-probs vs log_softmax + gather), so
     # they agree to rounding, not bit for bit, and AdamW can turn a rounding-level gradient difference into an
@@ -276,14 +293,16 @@ def grpo(a: argparse.Namespace, tmp: Path) -> dict:
     funcs = [even_token_fraction] if tiny else [REWARD_FUNCS.get(n) for n in rewards]
     model_path = resolve_model(model)
     print(f"\n== GRPO parity: model={model}, {a.steps} steps x {P} prompts x {G} samples x <= {T} tokens, T={temp}, "
-          f"lr {lr} ({a.lr_scheduler}, no warmup), loss dapo, beta 0, rewards {rewards}, fp32, seed {a.seed}, "
+          f"lr {lr} ({a.lr_scheduler}, warmup {a.warmup_steps}), loss dapo, beta 0, rewards {rewards}, fp32, "
+          f"seed {a.seed}, "
           f"threads={os.environ['OMP_NUM_THREADS']}, load {_bench.load1():.1f}", flush=True)
 
     out = tmp / "rlswift-grpo"
     recs, wall = run_recipe("grpo", out, [
         f"model={model}", "engine=vllm", "dataset=arithmetic", f"num_prompts={n_prompts}", f"prompts_per_step={P}",
         f"num_generations={G}", f"max_completion_length={T}", f"max_prompt_length={max_p}", f"temperature={temp}",
-        "top_p=1.0", "top_k=0", f"learning_rate={lr}", f"lr_scheduler={a.lr_scheduler}", "warmup_steps=0",
+        "top_p=1.0", "top_k=0", f"learning_rate={lr}", f"lr_scheduler={a.lr_scheduler}",
+        f"warmup_steps={a.warmup_steps}",
         f"max_steps={a.steps}", f"save_steps={a.steps}", f"seed={a.seed}", "reward_funcs=" + ",".join(rewards),
         "loss_type=dapo", "beta=0.0", "epsilon=0.2", "scale_rewards=group", "num_iterations=1",
         "gradient_accumulation_steps=1", "max_grad_norm=1.0", "weight_decay=0.0"])
@@ -336,7 +355,7 @@ def grpo(a: argparse.Namespace, tmp: Path) -> dict:
             "lr after step": ("lr", "learning_rate")}
     curves = {k: ([r[k1] for r in recs], [h[k2] for h in hist]) for k, (k1, k2) in keys.items()}
     rl_lr, trl_lr = curves.pop("lr after step")
-    curves["lr of the step"] = (lr_used(rl_lr, lr), trl_lr)
+    curves["lr of the step"] = (lr_used(rl_lr, lr, a.warmup_steps), trl_lr)
     print_curves("GRPO replay (TRL trains on rlswift's rollouts)", curves)
     # Same batches: rewards, advantages and the loss are exact arithmetic on equal inputs (the on-policy loss is
     # -sum(A * |completion|) / tokens, independent of the weights); grad norms, entropies and weights carry the fp32
