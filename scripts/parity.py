@@ -127,13 +127,6 @@ def print_curves(title: str, rows: dict[str, tuple[list[float], list[float]]], e
         print(f"{name:>18s}  {cells}")
 
 
-def lr_used(recorded: list[float], peak: float, warmup_steps: int) -> list[float]:
-    """rlswift's ``lr`` field is read after ``scheduler.step()`` (the next step's rate); TRL logs the rate the step
-    used. Shift rlswift's by one (the first: its schedule's rate at step 1) so both mean "the lr of this step"."""
-    first = peak / (warmup_steps + 1) if warmup_steps else peak  # rlswift's build_scheduler at step index 0
-    return [first, *recorded[:-1]]
-
-
 def print_verdicts(verdicts: list[dict]) -> bool:
     ok = all(v["ok"] for v in verdicts)
     for v in verdicts:
@@ -232,10 +225,8 @@ def dpo(a: argparse.Namespace, tmp: Path) -> dict:
             "chosen reward": ("rewards/chosen", "rewards/chosen"), "logps/chosen": ("logps/chosen", "logps/chosen"),
             "logps/rejected": ("logps/rejected", "logps/rejected"), "accuracy": ("rewards/accuracies",
                                                                                   "rewards/accuracies"),
-            "grad_norm": ("grad_norm", "grad_norm"), "lr after step": ("lr", "learning_rate")}
+            "grad_norm": ("grad_norm", "grad_norm"), "lr of the step": ("lr", "learning_rate")}
     curves = {name: ([r[k1] for r in recs], [h[k2] for h in hist]) for name, (k1, k2) in keys.items()}
-    rl_lr, trl_lr = curves.pop("lr after step")
-    curves["lr of the step"] = (lr_used(rl_lr, lr, a.warmup_steps), trl_lr)
     print_curves("DPO curves", {k: v for k, v in curves.items() if k != "accuracy"})
     # Tolerances: the two sides run other fp32 kernels (TRL's fused LM-head log-probs vs log_softmax + gather), so
     # they agree to rounding, not bit for bit, and AdamW can turn a rounding-level gradient difference into an
@@ -352,10 +343,8 @@ def grpo(a: argparse.Namespace, tmp: Path) -> dict:
 
     keys = {"reward": ("reward", "reward"), "loss": ("loss", "loss"), "grad_norm": ("grad_norm", "grad_norm"),
             "entropy": ("entropy", "entropy"), "completion_length": ("completion_length", "completions/mean_length"),
-            "lr after step": ("lr", "learning_rate")}
+            "lr of the step": ("lr", "learning_rate")}
     curves = {k: ([r[k1] for r in recs], [h[k2] for h in hist]) for k, (k1, k2) in keys.items()}
-    rl_lr, trl_lr = curves.pop("lr after step")
-    curves["lr of the step"] = (lr_used(rl_lr, lr, a.warmup_steps), trl_lr)
     print_curves("GRPO replay (TRL trains on rlswift's rollouts)", curves)
     # Same batches: rewards, advantages and the loss are exact arithmetic on equal inputs (the on-policy loss is
     # -sum(A * |completion|) / tokens, independent of the weights); grad norms, entropies and weights carry the fp32

@@ -8,6 +8,7 @@ resume; a prompt drawn twice in one generation call gets new samples; bad reward
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -170,6 +171,9 @@ def test_checkpoint_refusals_are_one_line(tmp_path, rlswift_cache):
                 "lr_decay_steps=4"], rlswift_cache))
     ok(run_cli([*DPO, f"output_dir={out}", "resume=auto", "max_steps=4", "lr_scheduler=cosine", "lr_decay_steps=4"],
                rlswift_cache))
+    # `lr` is the rate each step's update used (as TRL logs it): cosine over 4 steps from 1e-3, resumed at step 2.
+    lrs = [r["lr"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)], rel=1e-12), lrs
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, rlswift_cache):

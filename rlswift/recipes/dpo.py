@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             run.release()
             if info.distributed:  # means over the W x gas micro-batches of every rank
                 totals = global_stats(totals, gas, info)
+            lr = scheduler.get_last_lr()[0]  # the rate this update uses (TRL logs the same)
             grad_norm = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
             t_train = time.perf_counter() - t0
 
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.samples_seen += len(idx)
             # A save's own time can only be reported on the next line: this line is in the checkpoint it measures.
             record = {"step": step, "epoch": progress.epoch, **totals, "grad_norm": grad_norm,
-                      "lr": scheduler.get_last_lr()[0],
+                      "lr": lr,
                       "timing": {"reference": round(t_ref, 4), "train": round(t_train, 4),
                                  "step": round(time.perf_counter() - t_step, 4), "last_save": round(last_save, 4)},
                       "perf": peak_memory(device)}

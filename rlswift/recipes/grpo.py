@@ -694,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # ---- update ----
             t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]  # the rate this step's optimizer update uses (TRL logs the same)
             with deterministic_kernels(cfg.deterministic):
                 loss, stats, grad_norm = update_policy(run, params, optimizer, scheduler, batch, cfg, device,
                                                        precision, info, finish_next_batch if next_batch else None)
@@ -709,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
             record = {
                 "step": step, "epoch": progress.epoch, "loss": loss,
                 "reward": float(batch.rewards.nanmean()), "reward_std": float(nanstd(batch.rewards)),
-                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm, "lr": lr,
                 "completion_length": float(lens.mean()), "completion_length_min": float(lens.min()),
                 "completion_length_max": float(lens.max()), "dropped_groups": int(batch.dropped_groups),
                 **{f"rewards/{k}": float(v) for k, v in zip(cfg.reward_funcs, batch.reward_func_means)},
