@@ -27,6 +27,7 @@ the weights only (the KV cache stays freed until ``generate``), as TRL and verl 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -78,6 +79,36 @@ def _positive_int(name: str, v: Any) -> int | None:
     if isinstance(v, bool) or int(v) != v or v < 1:
         raise ValueError(f"{name} must be a positive int (or None for vLLM's default), got {v!r}")
     return int(v)
+
+
+@contextlib.contextmanager
+def _modules_scannable():
+    """While vLLM starts, its Triton-kernel rebinding treats a module global that raises on ``hasattr`` as absent.
+
+    vLLM's CPU platform rebinds kernels by scanning every loaded module's globals with ``hasattr(value,
+    "__dict__")``; a werkzeug LocalProxy outside its context (Flask's ``current_app``, ``request``) raises
+    RuntimeError there, so a process that had imported Flask (moto's S3 server, an MLflow or Gradio app, ...) could
+    not start an engine. The scan's module gets a ``hasattr`` that answers False instead, for the start only.
+    """
+    try:
+        from vllm.triton_utils import dispatcher
+    except ImportError:  # a vLLM without the scan
+        yield
+        return
+
+    def tolerant_hasattr(obj, name):
+        try:
+            return hasattr(obj, name)
+        except Exception:
+            return False
+
+    had = "hasattr" in vars(dispatcher)
+    dispatcher.hasattr = tolerant_hasattr
+    try:
+        yield
+    finally:
+        if not had:
+            del dispatcher.hasattr
 
 
 class VLLMEngine:
@@ -186,7 +217,8 @@ class VLLMEngine:
         self._asleep = False  # vLLM is asleep (KV cache freed; weights too unless woken by a sync)
         self._weights_awake = True
         self._weights_lost = False  # level-2 sleep discarded the weights: a full sync must come before generate
-        self.llm = LLM(**kw)
+        with _modules_scannable():
+            self.llm = LLM(**kw)
         self.device = "cpu" if self.on_cpu else f"cuda:{torch.cuda.current_device()}"
         self._stats.values["device"] = self.device
         self._stats.started()

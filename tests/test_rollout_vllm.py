@@ -309,3 +309,21 @@ def test_level2_sleep_needs_every_weight_before_generate(tiny_model_dir, ref):
     assert e.stats()["last_sync_tensors"] == 26
     e.generate([Request(prompts(1)[0], [1], SPEC)])
     assert e.llm.calls[-3:] == [("load",), ("wake_up", ["kv_cache"]), ("generate", 1)]
+
+
+@pytest.mark.slow
+def test_engine_starts_in_a_process_that_imported_flask(tiny_model_dir):
+    """vLLM's CPU kernel rebinding scans every module's globals with hasattr; Flask's unbound LocalProxies raise there.
+    The engine hides them while it starts (moto's S3 server in this test suite, an MLflow or Gradio app for users)."""
+    pytest.importorskip("flask")
+    code = (
+        "import flask, json; from rollout.vllm_engine import VLLMEngine; from rollout.types import Request, SamplingSpec\n"
+        f"e = VLLMEngine({str(tiny_model_dir)!r}, max_model_len=512, kv_cache_gib=1)\n"
+        "out = e.generate([Request([1, 2, 3], [5], SamplingSpec(max_tokens=4))])\n"
+        "assert 'current_app' in vars(flask) and 'request' in vars(flask), 'Flask globals not restored'\n"
+        "print('RESULT' + json.dumps(len(out[0].completion_ids) > 0))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [x for x in out.stdout.splitlines() if x.startswith("RESULT")] == ["RESULTtrue"], out.stdout[-2000:]
