@@ -1,13 +1,15 @@
 """DPO step time: rlswift's DPO recipe vs TRL 1.16 DPOTrainer on the same model, preference rows and settings.
 
-    python scripts/bench_dpo.py [--steps 10] [--model tiny|smollm2-135m] [--save-steps 5]
+    python scripts/bench_dpo.py [--steps 10] [--repeats 2] [--model tiny|smollm2-135m] [--save-steps 5]
 
-rlswift runs as a subprocess (`python -m rlswift.recipes.dpo --config recipes/dpo_tiny.yaml ...`); its per-step times
-and breakdown (reference / train) come from metrics.jsonl's `timing` field, plus the final checkpoint's size and
-`CheckpointManager.load` time. TRL runs in this process with DPOConfig matched to the recipe (same batch size, max
+Both sides run as subprocesses, `--repeats` times each, interleaved (rlswift, TRL, TRL, rlswift, ...), the 1-minute
+load average noted before each run. rlswift: `python -m rlswift.recipes.dpo --config recipes/dpo_tiny.yaml ...`;
+per-step times and breakdown (reference / train) from metrics.jsonl's `timing`, plus the final checkpoint's size and
+`CheckpointManager.load` time (first run). TRL: this script with DPOConfig matched to the recipe (same batch size, max
 lengths, beta, loss, lr, steps; reference log-probs computed during training, as rlswift does on a cache miss), timed
-by a TrainerCallback; its reference time is measured with forward hooks on the reference model. Step 1 (warm-up) is
-left out of both means. Nothing is downloaded (HF_HUB_OFFLINE=1).
+by a TrainerCallback; its reference time is measured with forward hooks on the reference model. Step 1 (warm-up) of
+every run is left out; steady steps of all runs of a side are pooled and quoted by min and median. Default learning
+rate 5e-6 (the recipe's; DPO's work per step does not depend on it). Nothing is downloaded (HF_HUB_OFFLINE=1).
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench, also under `python -m` or an import
 import _bench  # noqa: E402
-from _bench import mean, median  # noqa: E402
+from _bench import mean  # noqa: E402
 
 PRESET = _bench.REPO / "recipes" / "dpo_tiny.yaml"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return _bench.parser(__doc__, PRESET, save_steps=5).parse_args(argv)
+    return _bench.parser(__doc__, PRESET, save_steps=5, learning_rate=5e-6).parse_args(argv)
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
@@ -45,7 +47,7 @@ def settings(a: argparse.Namespace) -> dict:
         "batch_size": int(p.get("batch_size", 4)),
         "max_prompt_length": int(p.get("max_prompt_length", 256)),
         "max_completion_length": int(p.get("max_completion_length", 16)),
-        "learning_rate": float(a.learning_rate if a.learning_rate is not None else p.get("learning_rate", 1e-3)),
+        "learning_rate": float(a.learning_rate),
         "beta": float(p.get("beta", 0.1)),
         "loss_type": str(p.get("loss_type", "sigmoid")),
         "label_smoothing": float(p.get("label_smoothing", 0.0)),
@@ -56,21 +58,20 @@ def settings(a: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------------------ rlswift side
 
 
-def run_rlswift(a: argparse.Namespace, s: dict, model_path: Path, tmp: Path) -> dict:
-    out = tmp / "rlswift-dpo"
+def run_rlswift(a: argparse.Namespace, s: dict, model_path: Path, out: Path, ckpt_stats: bool) -> dict:
     recs, wall = _bench.run_recipe("dpo", a, out, ["dataset=arithmetic"] + [f"{k}={v}" for k, v in s.items()])
     timing = [r["timing"] for r in recs]
     return {"wall_s": wall, "steps": len(recs), "step_s": [t["step"] for t in timing],
             "parts": {k: [t.get(k, 0.0) for t in timing[1:]] for k in ("reference", "train")},
             "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
             "acc_mean": mean([r.get("rewards/accuracies", float("nan")) for r in recs]),
-            "checkpoint": _bench.checkpoint_stats(out, model_path, s)}
+            "checkpoint": _bench.checkpoint_stats(out, model_path, s) if ckpt_stats else {}}
 
 
 # ------------------------------------------------------------------------------------------------ TRL side
 
 
-def run_trl(a: argparse.Namespace, s: dict, model_path: Path, tmp: Path) -> dict:
+def run_trl(a: argparse.Namespace, s: dict, model_path: Path, tmp: Path, _unused: bool = True) -> dict:
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
@@ -123,39 +124,35 @@ def run_trl(a: argparse.Namespace, s: dict, model_path: Path, tmp: Path) -> dict
 # ------------------------------------------------------------------------------------------------ report
 
 
-def report(a, s, model_path, rl, trl) -> None:
+def report(a, s, model_path, runs: dict[str, list[dict]]) -> None:
+    names = {"rlswift": "rlswift", "trl": "TRL 1.16 DPOTrainer"}
+    extra = f", rlswift overrides {' '.join(a.set)}" if a.set else ""
     print(f"\n== DPO step time: model={a.model} ({model_path}), batch {s['batch_size']} pairs, max_prompt_length "
           f"{s['max_prompt_length']}, max_completion_length {s['max_completion_length']}, beta {s['beta']}, "
-          f"loss {s['loss_type']}, lr {s['learning_rate']}, fp32, {a.steps} steps, "
-          f"{_bench.threads_note()}, step 1 excluded from means")
-    print(f"{'':32s} {'step 1 (s)':>10s} {'mean step (s), steps 2..N':>26s} {'median (s)':>10s} "
-          f"{'reference':>10s} {'train':>8s} {'whole run (s)':>14s}")
-    for name, res in (("rlswift", rl), ("TRL 1.16 DPOTrainer", trl)):
-        if not res:
-            continue
-        rest = res["step_s"][1:]
-        ref = mean(res["parts"].get("reference", []))
-        tr = mean(res["parts"].get("train", []))
-        print(f"{name:32s} {res['step_s'][0]:10.4f} {mean_sd(rest):>26s} {median(rest):10.4f} {ref:10.4f} "
-              f"{tr:8.4f} {res['wall_s']:14.1f}")
-    _bench.print_ratio(rl, trl)
+          f"loss {s['loss_type']}, lr {s['learning_rate']}, fp32, {a.steps} steps x {a.repeats} run(s) per side, "
+          f"{_bench.threads_note()}{extra}; steady steps = 2..N of every run, pooled")
+    _bench.print_sides(runs, names, digits=4)
+    print("\n-- split, seconds per step over the pooled steady steps")
+    _bench.part_table(runs, names, ("reference", "train"), digits=4)
     print("  rlswift: timing.{reference,train,step} from metrics.jsonl (reference = cached ref log-probs, computed on "
           "a miss; each row is new in the first epoch). TRL: reference = forward hooks on ref_model; train = step - "
-          "reference.\n  whole run = subprocess wall time incl. imports, model load and tokenizing for rlswift; "
-          "trainer.train() for TRL" + (f" (DPOTrainer init, which tokenizes the rows: {trl['setup_s']:.1f} s)"
-                                        if trl else ""))
-    if rl and rl.get("checkpoint"):
-        ck = rl["checkpoint"]
+          "reference.")
+    rl = runs.get("rlswift") or []
+    if rl and rl[0].get("checkpoint"):
+        ck = rl[0]["checkpoint"]
         print(f"rlswift checkpoint {Path(ck['checkpoint']).name}: {_bench.human(ck['size_bytes'])} on disk; "
               f"CheckpointManager.load {mean_sd(ck['load_s'])} s (first {ck['load_s'][0]:.4f})")
-    for name, res in (("rlswift", rl), ("TRL", trl)):
-        if res:
-            print(f"{name}: loss step 1 {res['loss_first']:.4f} -> step {res['steps']} {res['loss_last']:.4f}, "
-                  f"mean preference accuracy {res['acc_mean']:.3f}")
+    for side, rs in runs.items():
+        for r in rs:
+            setup = f" + DPOTrainer init {r['setup_s']:.1f} s" if "setup_s" in r else ""
+            print(f"{names[side]} run {r['repeat'] + 1}: loss step 1 {r['loss_first']:.4f} -> step {r['steps']} "
+                  f"{r['loss_last']:.4f}, mean preference accuracy {r['acc_mean']:.3f}; whole run {r['wall_s']:.1f} s"
+                  f"{setup}")
 
 
 def main() -> int:
-    return _bench.main(ARGS, settings(ARGS), "bench_dpo", "DPOTrainer", run_rlswift, run_trl, report)
+    return _bench.main(ARGS, settings(ARGS), "bench_dpo", "DPOTrainer", Path(__file__).resolve(), run_rlswift,
+                       run_trl, report)
 
 
 if __name__ == "__main__":
