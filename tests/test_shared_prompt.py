@@ -317,62 +317,66 @@ def decoder_inputs(model, fn):
 
 
 def test_pack_layout_hand_example():
-    from rlswift.algorithms.packed import pack_layout, packed_attention_mask, unpack_rows
+    from rlswift.algorithms.packed import PackedMask, flat_prompt_cache, pack_layout, packed_mask, unpack_rows
 
     # L = 6, T = 3, p = 2. Run 0: rows 0-1, prompt [_, 7] + last prompt token 8 (left-padded); completions [11, 12]
     # and [13]. Run 1: row 2, prompt [5, 6] + 9, completion [14, 15, 16] (full length).
     ids = torch.tensor([[0, 7, 8, 11, 12, 0], [0, 7, 8, 13, 0, 0], [5, 6, 9, 14, 15, 16]])
     am = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    lay = pack_layout(ids, am, 3, [2, 1], cost_in_keys=100.0)
+    lay = pack_layout(ids, am, 3, [2, 1])
     # Packed inputs: row 0 -> columns 2, 3 (tokens 8, 11); row 1 -> column 2 (8); row 2 -> columns 2..4.
-    assert lay.input_ids.tolist() == [[8, 11, 8], [9, 14, 15]]
-    assert lay.position_ids.tolist() == [[2, 3, 2], [2, 3, 4]]  # each completion restarts at p, as in its row
+    assert lay.input_ids.tolist() == [[8, 11, 8, 9, 14, 15]]
+    assert lay.position_ids.tolist() == [[2, 3, 2, 2, 3, 4]]  # each completion restarts at p, as in its row
     assert lay.targets.tolist() == [11, 12, 13, 14, 15, 16]
-    assert lay.slots.tolist() == [0, 1, 2, 3, 4, 5] and lay.lengths == [2, 1, 3]
+    assert lay.flat.tolist() == [0, 1, 3, 6, 7, 8] and lay.counts == [2, 1] and lay.prefix == 2
     assert lay.unpack.tolist() == [[0, 1, 6], [2, 6, 6], [3, 4, 5]]
-    # keys: prompt columns 0, 1, then the packed slots 0, 1, 2 of the run
-    assert lay.visible[:, 0].int().tolist() == [
-        [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 1, 0, 0, 1]],  # row 1's token sees its prompt and itself only
-        [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]],
-    ]
-    eager = packed_attention_mask(lay.visible, "eager", torch.float32)
-    low = torch.finfo(torch.float32).min
-    assert eager.dtype == torch.float32 and eager[0, 0, 2].tolist() == [low, 0, low, low, 0]
-    assert packed_attention_mask(lay.visible, "sdpa", torch.float32) is lay.visible
+    mask = packed_mask(am, lay)
+    assert isinstance(mask, PackedMask) and mask.shape == (3, 1, 3, 5) and mask.packing is lay
+    # keys: columns 0..4; query t is column 2 + t and sees the valid columns up to itself
+    assert mask[1, 0].int().tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 0]]
+    assert mask[2, 0].int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     x = torch.arange(1.0, 7.0, requires_grad=True)
     y = unpack_rows(x, lay)
     assert y.tolist() == [[1, 2, 0], [3, 0, 0], [4, 5, 6]]
     (y * torch.arange(9.0).view(3, 3)).sum().backward()
     assert x.grad.tolist() == [0, 1, 3, 6, 7, 8]
-    # A pad slot (run 1 has one token fewer) sees only itself, so no query row of the mask is empty.
-    lay = pack_layout(ids[:2], am[:2], 3, [1, 1], cost_in_keys=100.0)
-    assert lay.input_ids.tolist() == [[8, 11], [8, 0]] and lay.visible[1, 0, 1].int().tolist() == [0, 0, 0, 1]
+    k = torch.arange(2 * 3 * 2 * 1.0).view(2, 3, 2, 1)  # [U, h, p, d]
+    assert flat_prompt_cache(k)[0, 1, :, 0].tolist() == [2, 3, 8, 9]  # head 1: run 0's p keys, then run 1's
+
+
+def test_packed_mask_matches_transformers_sdpa_mask():
+    # The mask the unpacked pass gets from transformers (2-D mask [B, L - 1], cache of p positions, T queries).
+    from transformers.masking_utils import sdpa_mask
+
+    from rlswift.algorithms.packed import pack_layout, packed_mask
+
+    ids, am = make_batch([5, 3], group=3, T=4, vocab=300, seed=1, lengths=[1, 4, 2, 3, 3, 1])
+    T, L = 4, ids.shape[1]
+    p = L - T - 1
+    want = sdpa_mask(batch_size=6, q_length=T, kv_length=L - 1, q_offset=p, kv_offset=0,
+                     attention_mask=am[:, :L - 1].bool(), allow_is_causal_skip=False)
+    got = packed_mask(am, pack_layout(ids, am, T, [3, 3]))
+    assert torch.equal(got.as_subclass(torch.Tensor), want)
 
 
 def test_pack_layout_refuses():
-    from rlswift.algorithms.packed import pack_layout, token_cost_in_keys
+    from rlswift.algorithms.packed import pack_layout
 
-    assert token_cost_in_keys(tiny_config_model("llama").config) == (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96) / 128
     ids, am = make_batch([5, 3], group=3, T=4, vocab=300, seed=1, lengths=[1, 4, 2, 3, 3, 1])
-    assert pack_layout(ids, am, 4, [3, 3], 240.0) is not None
-    assert pack_layout(ids, am, 4, [3, 3], 240.0).lengths == [1, 4, 2, 3, 3, 1]
+    assert pack_layout(ids, am, 4, [3, 3]).input_ids.shape == (1, 14)
     full = am.clone()
     full[:, -4:] = 1
-    assert pack_layout(ids, full, 4, [3, 3], 240.0) is None  # no padding: nothing to save
+    assert pack_layout(ids, full, 4, [3, 3]) is None  # no padding: nothing to save
     hole = am.clone()
     hole[0, -3] = 0
     hole[0, -2] = 1  # completion mask 1 0 1 0: not right-padded
-    assert pack_layout(ids, hole, 4, [3, 3], 240.0) is None
+    assert pack_layout(ids, hole, 4, [3, 3]) is None
     empty = am.clone()
     empty[:, -4:] = 0
-    assert pack_layout(ids, empty, 4, [3, 3], 240.0) is None  # nothing to score
-    # 64 samples of 3 tokens of 4 in one run: padding saved 25%, but a 192-token sequence attends 192 keys per token.
-    ids, am = make_batch([5], group=64, T=4, vocab=300, seed=2, lengths=[3] * 64)
-    assert pack_layout(ids, am, 4, [64], 240.0) is None
-    assert pack_layout(ids, am, 4, [64], 2400.0) is not None  # wider layers: the linear layers dominate
+    assert pack_layout(ids, empty, 4, [3, 3]) is None  # nothing to score
 
 
-KINDS = ["qwen2-tied", "llama-untied", "llama-eager", "qwen3"]
+PACKED_KINDS = ["qwen2-tied", "llama-untied", "qwen3"]  # sdpa; eager attention is not packed (below)
 
 
 def kind_model(kind, qwen2_tied):
@@ -386,7 +390,7 @@ def kind_model(kind, qwen2_tied):
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", PACKED_KINDS)
 def test_packed_matches_plain(kind, chunk_size, qwen2_tied):
     model, vocab = kind_model(kind, qwen2_tied)
     # prompts of 5, 7 and 1 tokens, 3 samples each; completions of 1..5 tokens (5 = T), one empty row
@@ -397,8 +401,18 @@ def test_packed_matches_plain(kind, chunk_size, qwen2_tied):
         warnings.simplefilter("error")  # no fallback
         seen, got = decoder_inputs(model, lambda: run(model, ids, am, 5, masked=True, shared_prompt=True,
                                                       pack_completions=True, chunk_size=chunk_size))
-    assert seen == [(3, 6), (3, 8)]  # the prefixes (p = 6), then one packed sequence per run: 8, 4 and 7 tokens
+    assert seen == [(3, 6), (1, 19)]  # the 3 prefixes (p = 6), then the 19 real tokens as one sequence
     assert_same_packed(got, want, am, 5)
+
+
+def test_eager_attention_is_not_packed():
+    model, _ = kind_model("llama-eager", None)
+    ids, am = make_batch([5, 7, 1], group=3, T=5, vocab=300, seed=1, lengths=[1, 5, 2, 3, 1, 0, 4, 1, 2])
+    want = run(model, ids, am, 5, masked=True)
+    seen, got = decoder_inputs(model, lambda: run(model, ids, am, 5, masked=True, shared_prompt=True,
+                                                  pack_completions=True))
+    assert seen == [(3, 6), (9, 5)]  # the padded [B, T] pass
+    assert_same(got, want)
 
 
 def test_packed_temperature_one_and_cut_groups(qwen2_tied):
@@ -407,7 +421,7 @@ def test_packed_temperature_one_and_cut_groups(qwen2_tied):
     rows = [slice(0, 5), slice(5, 10), slice(10, 12)]
     seen, got = decoder_inputs(qwen2_tied, lambda: run(qwen2_tied, ids, am, 5, rows=rows, temperature=1.0,
                                                        masked=True, shared_prompt=True, pack_completions=True))
-    assert [s[0] for s in seen] == [2, 2, 3, 3, 1, 1]  # every micro-batch packed: its runs, twice
+    assert seen == [(2, 5), (1, 11), (3, 5), (1, 8), (1, 5), (1, 6)]  # every micro-batch: prefixes, then packed
     assert_same_packed(got, run(qwen2_tied, ids, am, 5, rows=rows, temperature=1.0, masked=True), am, 5)
 
 
@@ -426,7 +440,7 @@ def test_packed_lora_and_reference(tiny_model_dir):
     assert want[2] and all("lora_" in name for name in want[2])
     packed = dict(shared_prompt=True, pack_completions=True)
     seen, got = decoder_inputs(model, lambda: run(model, ids, am, 4, masked=True, **packed))
-    assert seen[1][0] == 2
+    assert seen[1][0] == 1
     assert_same_packed(got, want, am, 4)
     assert_same_packed(run(model, ids, am, 4, masked=True, chunk_size=3, **packed), want, am, 4)
     real = am[:, -4:].bool()
@@ -448,7 +462,7 @@ def test_packed_gradient_checkpointing(tiny_model_dir):
         warnings.simplefilter("error")
         seen, got = decoder_inputs(model, lambda: run(model, ids, am, 4, masked=True, shared_prompt=True,
                                                       pack_completions=True))
-    assert seen == [(2, 4), (2, 7)]
+    assert seen == [(2, 4), (1, 13)]
     calls = []
     hook = model.model.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
     try:

@@ -290,8 +290,8 @@ def completion_logprobs(
     of the distribution the rollout engine sampled from. Padding positions get values too; mask them downstream.
 
     shared_prompt: compute each run of rows with the same prompt once (``shared_prompt_logprobs``).
-    pack_completions: with shared_prompt, run each prompt's completions padding-free where that saves work
-    (``packed.py``); padding positions then get 0 instead of the pad tokens' values.
+    pack_completions: with shared_prompt, run only the completions' real tokens through the layers and the LM head
+    (``packed.py``; sdpa attention); padding positions then get 0 instead of the pad tokens' values.
     chunk_size: None = plain logits; an int = LM head and log-softmax ``chunk_size`` positions at a time, logits
     recomputed in backward (``chunked_linear_logprobs``). Both are exact up to fp32 rounding, and fall back to this
     plain forward with a warning where the model does not support them (``hidden_states_fallback_reason``).

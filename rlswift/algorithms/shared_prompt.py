@@ -8,8 +8,8 @@ The G samples of a GRPO group share one prompt, and a plain forward computes tha
    prompt: deterministic, no atomics) and a second pass runs positions ``[p, L - 1)`` (the last prompt token and the
    completion tokens but the last) on top of them (``_ReadLayer``);
 4. the LM head scores the T completion tokens from the second pass's hidden states (plain or chunked).
-With ``pack=True`` steps 3-4 run padding-free where that saves work (``packed.py``): each run's completions as one
-sequence over the run's prompt K/V (not expanded), a block-diagonal causal 4-D mask, and only real tokens scored.
+With ``pack=True`` and sdpa attention, steps 3-4 run padding-free when the completions are padded (``packed.py``):
+the real tokens of all rows as one sequence through the layers and the LM head, attention per row as before.
 Position ids are ``arange`` over the padded row and the 2-D attention mask covers ``[0, L - 1)``, exactly what the
 plain forward uses, so left-padded prompts of different lengths give the plain forward's values (up to fp32
 rounding: kernels see other shapes). Works under peft LoRA (the adapters live inside the decoder's modules) and under
@@ -32,7 +32,7 @@ from rlswift.algorithms.logprobs import (
     unwrap_peft,
     warn_fallback,
 )
-from rlswift.algorithms.packed import PackedLayout, pack_layout, packed_attention_mask, token_cost_in_keys, unpack_rows
+from rlswift.algorithms.packed import PackedLayout, flat_prompt_cache, pack_layout, packed_mask, unpack_rows
 
 __all__ = ["prompt_runs", "shared_prompt_fallback_reason", "shared_prompt_logprobs"]
 
@@ -156,8 +156,8 @@ def shared_prompt_logprobs(
     ``[L - T, L)`` (right-padded), ``T = logits_to_keep``. Returns ``logprobs [B, T]`` (and ``entropy [B, T]``).
     Rows are grouped by ``prompt_runs``; a batch without repeated prompts, or a model that
     ``shared_prompt_fallback_reason`` rejects (warned once), goes through the plain forward.
-    pack: run each prompt run's completions as one padding-free sequence (``packed.py``) where that saves work;
-    the log-probs and entropies of padding positions are then 0 (the plain forward scores the pad tokens).
+    pack: run the completions' real tokens only (``packed.py``; sdpa attention) when there is padding; the
+    log-probs and entropies of padding positions are then 0 (the plain forward scores the pad tokens).
     """
     check_completion_args(input_ids, attention_mask, logits_to_keep, temperature, chunk_size)
     plain = dict(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
@@ -173,7 +173,8 @@ def shared_prompt_logprobs(
 
     decoder, head = causal_lm_parts(model)
     config = unwrap_peft(model).config.get_text_config()
-    layout = pack_layout(input_ids, attention_mask, logits_to_keep, counts, token_cost_in_keys(config)) if pack else None
+    packing = pack and config._attn_implementation == "sdpa"  # eager attention runs its own matmuls: not packed
+    layout = pack_layout(input_ids, attention_mask, logits_to_keep, counts) if packing else None
     positions = torch.arange(L - 1, device=input_ids.device).unsqueeze(0)  # what the plain forward uses (no cache)
     record = Cache(layers=[_RecordLayer() for _ in range(config.num_hidden_layers)])
     with _cache_through_checkpointing(decoder):
@@ -183,12 +184,15 @@ def shared_prompt_logprobs(
         if not all(layer.is_initialized for layer in record.layers):
             warn_fallback("shared-prompt forward", "the model did not fill the prompt cache")
             return completion_logprobs(model, input_ids, attention_mask, logits_to_keep, **plain)
-        if layout is not None:  # each run's packed completions read its prompt's K/V once
-            read = Cache(layers=[_ReadLayer(r.keys, r.values) for r in record.layers])
-            embeds = decoder.get_input_embeddings()(layout.input_ids)
-            mask = packed_attention_mask(layout.visible, config._attn_implementation or "eager", embeds.dtype)
-            hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=layout.position_ids,
+        if layout is not None:  # the real tokens as one sequence; the mask runs attention per row
+            read = Cache(layers=[_ReadLayer(flat_prompt_cache(r.keys), flat_prompt_cache(r.values))
+                                 for r in record.layers])
+            mask = packed_mask(attention_mask, layout)
+            hidden = decoder(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids,
                              past_key_values=read, use_cache=False).last_hidden_state
+            if mask.calls < len(read.layers):
+                raise RuntimeError(f"packed completions: the mask ran {mask.calls} of {len(read.layers)} layers' "
+                                   "attention (an attention path that does not call scaled_dot_product_attention?)")
         else:
             read = Cache(layers=[_ReadLayer(expand(r.keys, counts), expand(r.values, counts))
                                  for r in record.layers])
@@ -199,7 +203,7 @@ def shared_prompt_logprobs(
         return completion_logprobs(model, input_ids, attention_mask, logits_to_keep, **plain)
     if layout is None:
         return lm_head_logprobs(hidden, head, input_ids[:, -logits_to_keep:], temperature, return_entropy, chunk_size)
-    return _packed_head(hidden.reshape(-1, hidden.shape[-1])[layout.slots], head, layout, logits_to_keep, plain)
+    return _packed_head(hidden[0], head, layout, logits_to_keep, plain)
 
 
 def _packed_head(hidden: torch.Tensor, head: torch.nn.Module, layout: PackedLayout, T: int, plain: dict):

@@ -176,9 +176,9 @@ class GRPOConfig:
     """Compute each prompt once per group in the training forward (its KV shared by the G completions; exact
     gradients). Falls back to the per-row forward, saying why, for models it does not support."""
     pack_completions: bool = True
-    """With shared_prompt: run a prompt's completions padding-free, as one sequence (block-diagonal causal
-    attention) instead of rows padded to the longest, where a FLOP estimate says that is cheaper (exact gradients;
-    padding positions' log-probs are 0 instead of the pad tokens')."""
+    """With shared_prompt (sdpa attention): only the completions' real tokens go through the layers and the LM head,
+    not rows padded to the longest (attention still per row; exact gradients; padding positions' log-probs are 0
+    instead of the pad tokens')."""
     logprob_chunk_size: int | None = None
     """Positions per chunk of the LM head's log-softmax (logits recomputed in backward): memory for large
     vocabularies (e.g. 512 on GPU); unset = whole batch at once."""
