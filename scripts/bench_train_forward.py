@@ -1,4 +1,4 @@
-"""GRPO training forward+backward: plain vs shared-prompt (packed or not; the chunked LM head), and the LM head's peak memory.
+"""GRPO training forward+backward: plain vs shared-prompt (packed or not, chunked head), and the LM head's peak memory.
 
     python scripts/bench_train_forward.py [--model smollm2-135m] [--threads 1] [--reps 3]
                                           [--shapes 4x4x46x24,4x4x46x128] [--chunk-size 256]
