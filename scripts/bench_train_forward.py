@@ -1,4 +1,4 @@
-"""GRPO training forward+backward: plain vs shared-prompt (and the chunked LM head), and the LM head's peak memory.
+"""GRPO training forward+backward: plain vs shared-prompt (packed or not, chunked head), and the LM head's peak memory.
 
     python scripts/bench_train_forward.py [--model smollm2-135m] [--threads 1] [--reps 3]
                                           [--shapes 4x4x46x24,4x4x46x128] [--chunk-size 256]
@@ -79,6 +79,7 @@ def time_mode(a) -> None:
     print(f"model {path.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), fp32, "
           f"{_bench.threads_note()}; shared-prompt support: {shared_prompt_fallback_reason(model) or 'yes'}")
     variants = {"plain": {}, "shared": {"shared_prompt": True},
+                "shared+packed": {"shared_prompt": True, "pack_completions": True},
                 f"plain+chunk{a.chunk_size}": {"chunk_size": a.chunk_size},
                 f"shared+chunk{a.chunk_size}": {"shared_prompt": True, "chunk_size": a.chunk_size}}
     results = []

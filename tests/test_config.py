@@ -102,3 +102,22 @@ def test_section_shorthand_sets_its_name_field():
 
     assert cfglib.load(Cfg, None, ["optimizer=galore_adamw"]).optimizer == Opt("galore_adamw", 128)
     assert cfglib.load(Cfg, None, ["optimizer=galore_adamw", "optimizer.rank=8"]).optimizer == Opt("galore_adamw", 8)
+
+
+def test_grpo_computing_keys_added_later_keep_old_runs_numerics():
+    # A run saved before shared_prompt / pack_completions existed computed without them: the migration says so, so
+    # a resume under today's defaults is refused, naming the keys, and one with the old values passes.
+    from rlswift.recipes.grpo import RESUMABLE_KEYS, GRPOConfig, migrate_config
+
+    today = cfglib.to_dict(GRPOConfig())
+    old = {k: v for k, v in today.items() if k not in ("shared_prompt", "pack_completions")}
+    saved = migrate_config(dict(old))
+    assert saved["shared_prompt"] is False and saved["pack_completions"] is False
+    assert cfglib.changed_keys(saved, today, RESUMABLE_KEYS, defaults=today) == [
+        "pack_completions: False -> True", "shared_prompt: False -> True"]
+    same = cfglib.to_dict(cfglib.load(GRPOConfig, None, ["shared_prompt=false", "pack_completions=false"]))
+    assert cfglib.changed_keys(saved, same, RESUMABLE_KEYS, defaults=today) == []
+    # A run saved with packing keeps it; turning it off on resume is refused like any computing key.
+    off = cfglib.to_dict(cfglib.load(GRPOConfig, None, ["pack_completions=false"]))
+    assert cfglib.changed_keys(migrate_config(dict(today)), off, RESUMABLE_KEYS, defaults=today) == [
+        "pack_completions: True -> False"]

@@ -32,16 +32,19 @@ def _fresh_warnings():
     yield
 
 
-def make_batch(prompt_lens, group, T, vocab, seed=0, pad=0):
+def make_batch(prompt_lens, group, T, vocab, seed=0, pad=0, lengths=None):
     """GRPO-shaped rows: ``group`` consecutive rows per prompt, prompts left-padded to the longest, completions of
-    random lengths 1..T right-padded. Returns input_ids, attention_mask ``[len(prompt_lens) * group, P + T]``."""
+    random lengths 1..T (or ``lengths``, one per row) right-padded. Returns input_ids, attention_mask
+    ``[len(prompt_lens) * group, P + T]``."""
     g = torch.Generator().manual_seed(seed)
     P = max(prompt_lens)
     ids, am = [], []
+    given = iter(lengths) if lengths is not None else None
     for plen in prompt_lens:
         prompt = torch.randint(3, vocab, (plen,), generator=g)
         for _ in range(group):
             clen = int(torch.randint(1, T + 1, (1,), generator=g))
+            clen = next(given) if given is not None else clen
             row, mask = torch.full((P + T,), pad), torch.zeros(P + T, dtype=torch.long)
             row[P - plen:P] = prompt
             row[P:P + clen] = torch.randint(3, vocab, (clen,), generator=g)
@@ -68,11 +71,15 @@ def tiny_config_model(kind: str, seed: int = 0, **overrides):
         return model_cls(config_cls(**common)).float()
 
 
-def run(model, ids, am, T, rows=None, temperature=0.7, upstream_seed=0, **kw):
-    """Log-probs, entropy and accumulated grads of ``sum(w * logprobs)`` over the micro-batches ``rows``."""
+def run(model, ids, am, T, rows=None, temperature=0.7, upstream_seed=0, masked=False, **kw):
+    """Log-probs, entropy and accumulated grads of ``sum(w * logprobs)`` over the micro-batches ``rows``.
+
+    masked: w is 0 at the completions' padding (as in the loss), so padding positions carry no gradient."""
     model.zero_grad(set_to_none=True)
     rows = rows or [slice(0, ids.shape[0])]
     w = torch.randn(ids.shape[0], T, generator=torch.Generator().manual_seed(upstream_seed))
+    if masked:
+        w = w * am[:, -T:]
     lps, ents = [], []
     for r in rows:
         lp, ent = completion_logprobs(model, ids[r], am[r], T, temperature=temperature, return_entropy=True, **kw)
@@ -282,3 +289,216 @@ def test_unsupported_models_fall_back_with_a_reason():
     assert "attention implementation 'flash_attention_2'" in shared_prompt_fallback_reason(flash)
     with pytest.raises(ValueError, match="logits_to_keep"):
         shared_prompt_logprobs(sliding, ids, am, ids.shape[1])
+
+
+# ---- packed (padding-free) completions ---------------------------------------------------------------------------
+
+
+def assert_same_packed(got, want, am, T):
+    """``assert_same`` on the real completion positions; the packed path's padding positions are exactly 0."""
+    real = am[:, -T:].bool()
+    lp, ent, grads = got
+    assert torch.equal(lp[~real], torch.zeros_like(lp[~real])) and torch.equal(ent[~real], torch.zeros_like(ent[~real]))
+    assert_same((lp * real, ent * real, grads), (want[0] * real, want[1] * real, want[2]))
+
+
+def decoder_inputs(model, fn):
+    """The shapes of the token batches the decoder embeds while ``fn()`` runs (one per decoder pass)."""
+    from rlswift.algorithms.logprobs import unwrap_peft
+
+    seen = []
+    embed = unwrap_peft(model).get_input_embeddings()
+    hook = embed.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        out = fn()
+    finally:
+        hook.remove()
+    return seen, out
+
+
+def test_pack_layout_hand_example():
+    from rlswift.algorithms.packed import PackedMask, flat_prompt_cache, pack_layout, packed_mask, unpack_rows
+
+    # L = 6, T = 3, p = 2. Run 0: rows 0-1, prompt [_, 7] + last prompt token 8 (left-padded); completions [11, 12]
+    # and [13]. Run 1: row 2, prompt [5, 6] + 9, completion [14, 15, 16] (full length).
+    ids = torch.tensor([[0, 7, 8, 11, 12, 0], [0, 7, 8, 13, 0, 0], [5, 6, 9, 14, 15, 16]])
+    am = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    lay = pack_layout(ids, am, 3, [2, 1])
+    # Packed inputs: row 0 -> columns 2, 3 (tokens 8, 11); row 1 -> column 2 (8); row 2 -> columns 2..4.
+    assert lay.input_ids.tolist() == [[8, 11, 8, 9, 14, 15]]
+    assert lay.position_ids.tolist() == [[2, 3, 2, 2, 3, 4]]  # each completion restarts at p, as in its row
+    assert lay.targets.tolist() == [11, 12, 13, 14, 15, 16]
+    assert lay.flat.tolist() == [0, 1, 3, 6, 7, 8] and lay.counts == [2, 1] and lay.prefix == 2
+    assert lay.unpack.tolist() == [[0, 1, 6], [2, 6, 6], [3, 4, 5]]
+    mask = packed_mask(am, lay)
+    assert isinstance(mask, PackedMask) and mask.shape == (3, 1, 3, 5) and mask.packing is lay
+    # keys: columns 0..4; query t is column 2 + t and sees the valid columns up to itself
+    assert mask[1, 0].int().tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 0]]
+    assert mask[2, 0].int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    x = torch.arange(1.0, 7.0, requires_grad=True)
+    y = unpack_rows(x, lay)
+    assert y.tolist() == [[1, 2, 0], [3, 0, 0], [4, 5, 6]]
+    (y * torch.arange(9.0).view(3, 3)).sum().backward()
+    assert x.grad.tolist() == [0, 1, 3, 6, 7, 8]
+    k = torch.arange(2 * 3 * 2 * 1.0).view(2, 3, 2, 1)  # [U, h, p, d]
+    assert flat_prompt_cache(k)[0, 1, :, 0].tolist() == [2, 3, 8, 9]  # head 1: run 0's p keys, then run 1's
+
+
+def test_packed_mask_matches_transformers_sdpa_mask():
+    # The mask the unpacked pass gets from transformers (2-D mask [B, L - 1], cache of p positions, T queries).
+    from transformers.masking_utils import sdpa_mask
+
+    from rlswift.algorithms.packed import pack_layout, packed_mask
+
+    ids, am = make_batch([5, 3], group=3, T=4, vocab=300, seed=1, lengths=[1, 4, 2, 3, 3, 1])
+    T, L = 4, ids.shape[1]
+    p = L - T - 1
+    want = sdpa_mask(batch_size=6, q_length=T, kv_length=L - 1, q_offset=p, kv_offset=0,
+                     attention_mask=am[:, :L - 1].bool(), allow_is_causal_skip=False)
+    got = packed_mask(am, pack_layout(ids, am, T, [3, 3]))
+    assert torch.equal(got.as_subclass(torch.Tensor), want)
+
+
+def test_pack_layout_refuses():
+    from rlswift.algorithms.packed import pack_layout
+
+    ids, am = make_batch([5, 3], group=3, T=4, vocab=300, seed=1, lengths=[1, 4, 2, 3, 3, 1])
+    assert pack_layout(ids, am, 4, [3, 3]).input_ids.shape == (1, 14)
+    full = am.clone()
+    full[:, -4:] = 1
+    assert pack_layout(ids, full, 4, [3, 3]) is None  # no padding: nothing to save
+    hole = am.clone()
+    hole[0, -3] = 0
+    hole[0, -2] = 1  # completion mask 1 0 1 0: not right-padded
+    assert pack_layout(ids, hole, 4, [3, 3]) is None
+    empty = am.clone()
+    empty[:, -4:] = 0
+    assert pack_layout(ids, empty, 4, [3, 3]) is None  # nothing to score
+
+
+PACKED_KINDS = ["qwen2-tied", "llama-untied", "qwen3"]  # sdpa; eager attention is not packed (below)
+
+
+def kind_model(kind, qwen2_tied):
+    if kind == "qwen2-tied":
+        return qwen2_tied, 500
+    family = kind.split("-")[0]
+    extra = {"tie_word_embeddings": kind != "llama-untied"}
+    if kind == "llama-eager":
+        extra["attn_implementation"] = "eager"
+    return tiny_config_model(family, **extra).train(), 300
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("kind", PACKED_KINDS)
+def test_packed_matches_plain(kind, chunk_size, qwen2_tied):
+    model, vocab = kind_model(kind, qwen2_tied)
+    # prompts of 5, 7 and 1 tokens, 3 samples each; completions of 1..5 tokens (5 = T), one empty row
+    lengths = [1, 5, 2, 3, 1, 0, 4, 1, 2]
+    ids, am = make_batch([5, 7, 1], group=3, T=5, vocab=vocab, seed=1, lengths=lengths)
+    want = run(model, ids, am, 5, masked=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        seen, got = decoder_inputs(model, lambda: run(model, ids, am, 5, masked=True, shared_prompt=True,
+                                                      pack_completions=True, chunk_size=chunk_size))
+    assert seen == [(3, 6), (1, 19)]  # the 3 prefixes (p = 6), then the 19 real tokens as one sequence
+    assert_same_packed(got, want, am, 5)
+
+
+def test_eager_attention_is_not_packed():
+    model, _ = kind_model("llama-eager", None)
+    ids, am = make_batch([5, 7, 1], group=3, T=5, vocab=300, seed=1, lengths=[1, 5, 2, 3, 1, 0, 4, 1, 2])
+    want = run(model, ids, am, 5, masked=True)
+    seen, got = decoder_inputs(model, lambda: run(model, ids, am, 5, masked=True, shared_prompt=True,
+                                                  pack_completions=True))
+    assert seen == [(3, 6), (9, 5)]  # the padded [B, T] pass
+    assert_same(got, want)
+
+
+def test_packed_temperature_one_and_cut_groups(qwen2_tied):
+    # 4 prompts x 3 samples in micro-batches of 5 rows (runs of 3, 2 | 1, 3, 1 | 2), temperature 1.
+    ids, am = make_batch([4, 6, 3, 6], group=3, T=5, vocab=500, seed=3, lengths=[1, 5, 2, 1, 2, 1, 3, 1, 1, 2, 1, 5])
+    rows = [slice(0, 5), slice(5, 10), slice(10, 12)]
+    seen, got = decoder_inputs(qwen2_tied, lambda: run(qwen2_tied, ids, am, 5, rows=rows, temperature=1.0,
+                                                       masked=True, shared_prompt=True, pack_completions=True))
+    assert seen == [(2, 5), (1, 11), (3, 5), (1, 8), (1, 5), (1, 6)]  # every micro-batch: prefixes, then packed
+    assert_same_packed(got, run(qwen2_tied, ids, am, 5, rows=rows, temperature=1.0, masked=True), am, 5)
+
+
+def test_packed_lora_and_reference(tiny_model_dir):
+    from rlswift.models import load_policy, reference_logprobs_context
+
+    model = load_policy(tiny_model_dir, lora_rank=4, lora_alpha=8, lora_target_modules="all-linear", seed=0)
+    with torch.no_grad():  # lora_B starts at zero, which would make every lora_A gradient zero: randomise it
+        g = torch.Generator().manual_seed(4)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()
+    ids, am = make_batch([5, 3], group=4, T=4, vocab=500, seed=5)
+    want = run(model, ids, am, 4, masked=True)
+    assert want[2] and all("lora_" in name for name in want[2])
+    packed = dict(shared_prompt=True, pack_completions=True)
+    seen, got = decoder_inputs(model, lambda: run(model, ids, am, 4, masked=True, **packed))
+    assert seen[1][0] == 1
+    assert_same_packed(got, want, am, 4)
+    assert_same_packed(run(model, ids, am, 4, masked=True, chunk_size=3, **packed), want, am, 4)
+    real = am[:, -4:].bool()
+    with torch.no_grad(), reference_logprobs_context(model):
+        ref_plain = completion_logprobs(model, ids, am, 4, temperature=0.7)
+        ref_packed = completion_logprobs(model, ids, am, 4, temperature=0.7, **packed)
+    torch.testing.assert_close(ref_packed[real], ref_plain[real], atol=LP_ATOL, rtol=0)
+    assert (ref_plain - want[0])[real].abs().max() > 1e-3  # the adapters really were off
+
+
+def test_packed_gradient_checkpointing(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
+    ids, am = make_batch([5, 2], group=3, T=4, vocab=500, seed=6, lengths=[4, 1, 2, 1, 3, 2])
+    want = run(model, ids, am, 4, masked=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seen, got = decoder_inputs(model, lambda: run(model, ids, am, 4, masked=True, shared_prompt=True,
+                                                      pack_completions=True))
+    assert seen == [(2, 4), (1, 13)]
+    calls = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        run(model, ids, am, 4, masked=True, shared_prompt=True, pack_completions=True)
+    finally:
+        hook.remove()
+    assert len(calls) == 4  # the two passes, each replayed in backward: checkpointing really ran
+    assert_same_packed(got, want, am, 4)
+
+
+def test_packed_bf16_autocast():
+    # As test_bf16_autocast: packed and plain agree at bf16 level on the real positions (loss masked as in GRPO).
+    model = tiny_config_model("llama", tie_word_embeddings=False).train()
+    ids, am = make_batch([5, 7, 1], group=3, T=4, vocab=300, seed=1)
+    real = am[:, -4:].float()
+    out = {}
+    for name, kw in {"plain": {}, "packed": {"shared_prompt": True, "pack_completions": True}}.items():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = completion_logprobs(model, ids, am, 4, temperature=0.7, **kw)
+        (lp * real).sum().backward()
+        out[name] = (lp.detach() * real, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (lp0, g0), (lp, g) = out["plain"], out["packed"]
+    torch.testing.assert_close(lp, lp0, atol=1e-2, rtol=0)
+    for k in g0:
+        assert (g[k] - g0[k]).abs().max() <= 3e-2 * g0[k].abs().max(), k
+
+
+def test_packed_falls_back_to_the_padded_pass(qwen2_tied):
+    # No padding to save (every completion full): the unpacked shared pass runs, with its exact values.
+    g = torch.Generator().manual_seed(2)
+    prompts = torch.randint(3, 500, (2, 6), generator=g).repeat_interleave(4, 0)
+    ids = torch.cat([prompts, torch.randint(3, 500, (8, 5), generator=g)], 1)
+    am = torch.ones_like(ids)
+    with torch.no_grad():
+        seen, got = decoder_inputs(qwen2_tied, lambda: completion_logprobs(
+            qwen2_tied, ids, am, 5, shared_prompt=True, pack_completions=True))
+        assert seen == [(2, 5), (8, 5)]
+        assert torch.equal(got, completion_logprobs(qwen2_tied, ids, am, 5, shared_prompt=True))

@@ -8,7 +8,8 @@ All math is done in float32 whatever the model dtype (bf16 logsumexp loses ~1e-2
   one autograd function that keeps no logits; backward recomputes each chunk's logits (as Liger's fused linear
   cross-entropy does). Peak extra memory is a few ``[n, V]`` fp32 buffers plus the weight gradient instead of
   ``2 x [B, T, V]``, for one extra LM-head matmul in backward. Values equal the plain path's up to fp32 rounding.
-``completion_logprobs(..., shared_prompt=True)`` computes each distinct prompt once (see ``shared_prompt.py``).
+``completion_logprobs(..., shared_prompt=True)`` computes each distinct prompt once (see ``shared_prompt.py``), and
+``pack_completions=True`` on top of it drops the completions' padding (see ``packed.py``).
 """
 
 from __future__ import annotations
@@ -279,6 +280,7 @@ def completion_logprobs(
     *,
     shared_prompt: bool = False,
     chunk_size: int | None = None,
+    pack_completions: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the last ``logits_to_keep`` tokens of ``input_ids`` under ``model``.
 
@@ -288,6 +290,8 @@ def completion_logprobs(
     of the distribution the rollout engine sampled from. Padding positions get values too; mask them downstream.
 
     shared_prompt: compute each run of rows with the same prompt once (``shared_prompt_logprobs``).
+    pack_completions: with shared_prompt, run only the completions' real tokens through the layers and the LM head
+    (``packed.py``; sdpa attention); padding positions then get 0 instead of the pad tokens' values.
     chunk_size: None = plain logits; an int = LM head and log-softmax ``chunk_size`` positions at a time, logits
     recomputed in backward (``chunked_linear_logprobs``). Both are exact up to fp32 rounding, and fall back to this
     plain forward with a warning where the model does not support them (``hidden_states_fallback_reason``).
@@ -297,7 +301,7 @@ def completion_logprobs(
         from rlswift.algorithms.shared_prompt import shared_prompt_logprobs  # it imports this module
 
         return shared_prompt_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature, return_entropy,
-                                      chunk_size=chunk_size)
+                                      chunk_size=chunk_size, pack=pack_completions)
     if chunk_size is not None:
         reason = hidden_states_fallback_reason(model)
         if reason is None:

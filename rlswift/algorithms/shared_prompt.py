@@ -8,6 +8,8 @@ The G samples of a GRPO group share one prompt, and a plain forward computes tha
    prompt: deterministic, no atomics) and a second pass runs positions ``[p, L - 1)`` (the last prompt token and the
    completion tokens but the last) on top of them (``_ReadLayer``);
 4. the LM head scores the T completion tokens from the second pass's hidden states (plain or chunked).
+With ``pack=True`` and sdpa attention, steps 3-4 run padding-free when the completions are padded (``packed.py``):
+the real tokens of all rows as one sequence through the layers and the LM head, attention per row as before.
 Position ids are ``arange`` over the padded row and the 2-D attention mask covers ``[0, L - 1)``, exactly what the
 plain forward uses, so left-padded prompts of different lengths give the plain forward's values (up to fp32
 rounding: kernels see other shapes). Works under peft LoRA (the adapters live inside the decoder's modules) and under
@@ -30,6 +32,7 @@ from rlswift.algorithms.logprobs import (
     unwrap_peft,
     warn_fallback,
 )
+from rlswift.algorithms.packed import PackedLayout, flat_prompt_cache, pack_layout, packed_mask, unpack_rows
 
 __all__ = ["prompt_runs", "shared_prompt_fallback_reason", "shared_prompt_logprobs"]
 
@@ -145,6 +148,7 @@ def shared_prompt_logprobs(
     return_entropy: bool = False,
     *,
     chunk_size: int | None = None,
+    pack: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``completion_logprobs`` with each run of rows sharing a prompt computed once (same arguments and results).
 
@@ -152,6 +156,8 @@ def shared_prompt_logprobs(
     ``[L - T, L)`` (right-padded), ``T = logits_to_keep``. Returns ``logprobs [B, T]`` (and ``entropy [B, T]``).
     Rows are grouped by ``prompt_runs``; a batch without repeated prompts, or a model that
     ``shared_prompt_fallback_reason`` rejects (warned once), goes through the plain forward.
+    pack: run the completions' real tokens only (``packed.py``; sdpa attention) when there is padding; the
+    log-probs and entropies of padding positions are then 0 (the plain forward scores the pad tokens).
     """
     check_completion_args(input_ids, attention_mask, logits_to_keep, temperature, chunk_size)
     plain = dict(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
@@ -166,9 +172,11 @@ def shared_prompt_logprobs(
         return completion_logprobs(model, input_ids, attention_mask, logits_to_keep, **plain)
 
     decoder, head = causal_lm_parts(model)
-    num_layers = unwrap_peft(model).config.get_text_config().num_hidden_layers
+    config = unwrap_peft(model).config.get_text_config()
+    packing = pack and config._attn_implementation == "sdpa"  # eager attention runs its own matmuls: not packed
+    layout = pack_layout(input_ids, attention_mask, logits_to_keep, counts) if packing else None
     positions = torch.arange(L - 1, device=input_ids.device).unsqueeze(0)  # what the plain forward uses (no cache)
-    record = Cache(layers=[_RecordLayer() for _ in range(num_layers)])
+    record = Cache(layers=[_RecordLayer() for _ in range(config.num_hidden_layers)])
     with _cache_through_checkpointing(decoder):
         # use_cache=False: the cache object is passed and filled anyway, and checkpointed layers don't warn.
         decoder(input_ids=input_ids[starts, :p], attention_mask=attention_mask[starts, :p],
@@ -176,10 +184,39 @@ def shared_prompt_logprobs(
         if not all(layer.is_initialized for layer in record.layers):
             warn_fallback("shared-prompt forward", "the model did not fill the prompt cache")
             return completion_logprobs(model, input_ids, attention_mask, logits_to_keep, **plain)
-        read = Cache(layers=[_ReadLayer(expand(r.keys, counts), expand(r.values, counts)) for r in record.layers])
-        hidden = decoder(input_ids=input_ids[:, p:L - 1], attention_mask=attention_mask[:, :L - 1],
-                         position_ids=positions[:, p:], past_key_values=read, use_cache=False).last_hidden_state
+        if layout is not None:  # the real tokens as one sequence; the mask runs attention per row
+            read = Cache(layers=[_ReadLayer(flat_prompt_cache(r.keys), flat_prompt_cache(r.values))
+                                 for r in record.layers])
+            mask = packed_mask(attention_mask, layout)
+            hidden = decoder(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids,
+                             past_key_values=read, use_cache=False).last_hidden_state
+            if mask.calls < len(read.layers):
+                raise RuntimeError(f"packed completions: the mask ran {mask.calls} of {len(read.layers)} layers' "
+                                   "attention (an attention path that does not call scaled_dot_product_attention?)")
+        else:
+            read = Cache(layers=[_ReadLayer(expand(r.keys, counts), expand(r.values, counts))
+                                 for r in record.layers])
+            hidden = decoder(input_ids=input_ids[:, p:L - 1], attention_mask=attention_mask[:, :L - 1],
+                             position_ids=positions[:, p:], past_key_values=read, use_cache=False).last_hidden_state
     if not all(layer.reads for layer in read.layers):
         warn_fallback("shared-prompt forward", "the model did not read the prompt cache")
         return completion_logprobs(model, input_ids, attention_mask, logits_to_keep, **plain)
-    return lm_head_logprobs(hidden, head, input_ids[:, -logits_to_keep:], temperature, return_entropy, chunk_size)
+    if layout is None:
+        return lm_head_logprobs(hidden, head, input_ids[:, -logits_to_keep:], temperature, return_entropy, chunk_size)
+    return _packed_head(hidden[0], head, layout, logits_to_keep, plain)
+
+
+def _packed_head(hidden: torch.Tensor, head: torch.nn.Module, layout: PackedLayout, T: int, plain: dict):
+    """LM-head scores of the M real positions (``hidden [M, H]``) put back into ``[B, T]`` rows (0 at padding)."""
+    m = hidden.shape[0]
+    if plain["chunk_size"] is None:
+        # Rows of T positions, as the unpacked path's [B, T]: the plain log-softmax holds one row's fp32 logits.
+        rows = -(-m // T)
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, rows * T - m)).view(rows, T, -1)
+        targets = torch.nn.functional.pad(layout.targets, (0, rows * T - m)).view(rows, T)
+    else:
+        hidden, targets = hidden.unsqueeze(0), layout.targets.unsqueeze(0)
+    out = lm_head_logprobs(hidden, head, targets, plain["temperature"], plain["return_entropy"], plain["chunk_size"])
+    if not plain["return_entropy"]:
+        return unpack_rows(out.reshape(-1)[:m], layout)
+    return tuple(unpack_rows(x.reshape(-1)[:m], layout) for x in out)

@@ -175,6 +175,10 @@ class GRPOConfig:
     shared_prompt: bool = True
     """Compute each prompt once per group in the training forward (its KV shared by the G completions; exact
     gradients). Falls back to the per-row forward, saying why, for models it does not support."""
+    pack_completions: bool = True
+    """With shared_prompt (sdpa attention): only the completions' real tokens go through the layers and the LM head,
+    not rows padded to the longest (attention still per row; exact gradients; padding positions' log-probs are 0
+    instead of the pad tokens')."""
     logprob_chunk_size: int | None = None
     """Positions per chunk of the LM head's log-softmax (logits recomputed in backward): memory for large
     vocabularies (e.g. 512 on GPU); unset = whole batch at once."""
@@ -279,9 +283,11 @@ RESUMABLE_KEYS = RUN_LENGTH_KEYS | {"vllm.kv_cache_gib", "vllm.gpu_memory_utiliz
 
 
 def migrate_config(saved: dict) -> dict:
-    """A config saved by rlswift 0.1 in today's keys (dtype -> precision, kv_cache_gib -> vllm.kv_cache_gib)."""
+    """A config saved by an older rlswift in today's keys (dtype -> precision, kv_cache_gib -> vllm.kv_cache_gib;
+    computing keys added since at the value that reproduces the old numerics)."""
     saved = migrate_precision(saved)
     saved.setdefault("shared_prompt", False)  # 0.1 computed every row's prompt
+    saved.setdefault("pack_completions", False)  # runs saved before it existed padded the completions
     if "kv_cache_gib" in saved:
         saved = {**saved, "vllm": {**saved.get("vllm", {}), "kv_cache_gib": saved["kv_cache_gib"]}}
         del saved["kv_cache_gib"]
@@ -409,7 +415,7 @@ def batch_logprobs(run, batch: GenerationBatch, rows: slice, cfg: GRPOConfig, de
     return run(completion_logprobs, batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device),
                batch.logits_to_keep, temperature=cfg.temperature, return_entropy=entropy,
                shared_prompt=cfg.shared_prompt if shared_prompt is None else shared_prompt,
-               chunk_size=cfg.logprob_chunk_size)
+               chunk_size=cfg.logprob_chunk_size, pack_completions=cfg.pack_completions)
 
 
 @torch.no_grad()
