@@ -180,16 +180,22 @@ def test_gradient_accumulation_with_cut_groups(qwen2_tied):
     assert_same(run(qwen2_tied, ids, am, 5, rows=rows, shared_prompt=True), run(qwen2_tied, ids, am, 5, rows=rows))
 
 
-def test_lora_adapter_gradients(tiny_model_dir):
+def lora_policy(tiny_model_dir):
+    """A LoRA policy on every linear layer, in train mode, with random lora_B (it starts at zero, which would make
+    every lora_A gradient zero)."""
     from rlswift.models import load_policy
 
     model = load_policy(tiny_model_dir, lora_rank=4, lora_alpha=8, lora_target_modules="all-linear", seed=0)
-    with torch.no_grad():  # lora_B starts at zero, which would make every lora_A gradient zero: randomise it
+    with torch.no_grad():
         g = torch.Generator().manual_seed(4)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.train()
+    return model.train()
+
+
+def test_lora_adapter_gradients(tiny_model_dir):
+    model = lora_policy(tiny_model_dir)
     assert shared_prompt_fallback_reason(model) is None
     ids, am = make_batch([5, 3], group=4, T=4, vocab=500, seed=5)
     want = run(model, ids, am, 4)
@@ -426,15 +432,9 @@ def test_packed_temperature_one_and_cut_groups(qwen2_tied):
 
 
 def test_packed_lora_and_reference(tiny_model_dir):
-    from rlswift.models import load_policy, reference_logprobs_context
+    from rlswift.models import reference_logprobs_context
 
-    model = load_policy(tiny_model_dir, lora_rank=4, lora_alpha=8, lora_target_modules="all-linear", seed=0)
-    with torch.no_grad():  # lora_B starts at zero, which would make every lora_A gradient zero: randomise it
-        g = torch.Generator().manual_seed(4)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.train()
+    model = lora_policy(tiny_model_dir)
     ids, am = make_batch([5, 3], group=4, T=4, vocab=500, seed=5)
     want = run(model, ids, am, 4, masked=True)
     assert want[2] and all("lora_" in name for name in want[2])
