@@ -11,6 +11,7 @@ equal the uninterrupted run (trajectories, metrics, every hook's final state).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +84,8 @@ def test_torchrun_restarts_killed_worker_and_run_equals_uninterrupted(reference,
         try:
             # Step 4 logged: checkpoint-3 is complete (saved before step 4 starts) and step 4 will be truncated away.
             for at in (4, 7):
+                # After a kill, the restarted worker must have resumed (and cut metrics.jsonl back) first.
+                wait_for(lambda: log.read_text().count("resumed from") >= len(killed), proc, "the restart")
                 wait_for(lambda: last_step(out) >= at, proc, f"step {at}")
                 workers = [c for c in children(proc.pid) if "rlswift.recipes.grpo" in cmdline(c)]
                 assert len(workers) == 1, [cmdline(c) for c in children(proc.pid)]
@@ -95,8 +98,10 @@ def test_torchrun_restarts_killed_worker_and_run_equals_uninterrupted(reference,
     text = log.read_text()
     assert rc == 0, text[-5000:]
     assert killed[0] != killed[1], "the second kill hit the same worker: torchrun did not restart it"
-    assert f"resumed from {out / 'checkpoint-3'}" in text and f"resumed from {out / 'checkpoint-6'}" in text, \
-        text[-5000:]
+    # Each restart resumed from a newer checkpoint (at least checkpoint-3: step 4 was logged before the first kill).
+    # Which one depends on how many steps finish before a kill lands: on a busy machine even the final checkpoint-8.
+    resumed = [int(m) for m in re.findall(rf"resumed from {re.escape(str(out))}/checkpoint-(\d+)", text)]
+    assert len(resumed) == 2 and 3 <= resumed[0] <= resumed[1], (resumed, text[-5000:])
     compare_runs(reference, out, 8)
 
 
