@@ -256,17 +256,24 @@ class CheckpointManager:
         except BaseException as e:
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if is_disk_full(e):
-                raise CheckpointError(
-                    f"disk full while writing {name} under {self.root} ({e}); the previous checkpoints are "
-                    "untouched. Free disk space, lower save_total_limit, or point output_dir elsewhere") from e
-            if isinstance(e, OSError):
-                raise CheckpointError(f"cannot write {name} under {self.root}: {e}; the previous checkpoints "
-                                      "are untouched") from e
+            error = self._write_error(name, e)
+            if error is not None:
+                raise error from e
             raise
         if self.mirror is not None:
             self.mirror.submit(final)
         return final
+
+    def _write_error(self, name: str, e: BaseException) -> CheckpointError | None:
+        """The one-line error for an OS failure while writing ``name`` (None: not an OS failure, re-raise it)."""
+        if is_disk_full(e):
+            return CheckpointError(
+                f"disk full while writing {name} under {self.root} ({e}); the previous checkpoints are "
+                "untouched. Free disk space, lower save_total_limit, or point output_dir elsewhere")
+        if isinstance(e, OSError):
+            return CheckpointError(f"cannot write {name} under {self.root}: {e}; the previous checkpoints are "
+                                   "untouched")
+        return None
 
     def _fence(self, opt) -> None:
         """Make `opt.step()` wait until the in-flight save has written the optimizer's live tensors (once per
@@ -295,13 +302,9 @@ class CheckpointManager:
             write_pointer(self.root, LATEST, name)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if is_disk_full(e):
-                raise CheckpointError(
-                    f"disk full while writing {name} under {self.root} ({e}); the previous checkpoints are "
-                    "untouched. Free disk space, lower save_total_limit, or point output_dir elsewhere") from e
-            if isinstance(e, OSError):
-                raise CheckpointError(f"cannot write {name} under {self.root}: {e}; the previous checkpoints "
-                                      "are untouched") from e
+            error = self._write_error(name, e)
+            if error is not None:
+                raise error from e
             raise
         self._retention(final)
         if self.mirror is not None:

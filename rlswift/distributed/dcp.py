@@ -158,6 +158,17 @@ def sharded_files(folder: str | os.PathLike, subdir: str = DEFAULT_SUBDIR) -> li
     return sorted(f"{subdir}/{n}" for n in names | {METADATA, SKELETON})
 
 
+def _read_skeleton(src: Path) -> dict:
+    """The skeleton document of a `save_sharded` folder (keys, tree, slots), checked to be this format."""
+    skel_path = src / SKELETON
+    if not skel_path.is_file():
+        raise CheckpointError(f"{skel_path} is missing: not a complete rlswift sharded state")
+    doc = orjson.loads(skel_path.read_bytes())
+    if doc.get("format") != FORMAT:
+        raise CheckpointError(f"{skel_path}: not an {FORMAT} skeleton")
+    return doc
+
+
 def load_sharded(state: dict, folder: str | os.PathLike, info: DistInfo | None = None,
                  subdir: str = DEFAULT_SUBDIR) -> dict:
     """Read a `save_sharded` folder into ``state`` and return the restored state (COLLECTIVE).
@@ -170,12 +181,7 @@ def load_sharded(state: dict, folder: str | os.PathLike, info: DistInfo | None =
     """
     info = info or single_process()
     src = Path(folder) / subdir
-    skel_path = src / SKELETON
-    if not skel_path.is_file():
-        raise CheckpointError(f"{skel_path} is missing: not a complete rlswift sharded state")
-    doc = orjson.loads(skel_path.read_bytes())
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"{skel_path}: not an {FORMAT} skeleton")
+    doc = _read_skeleton(src)
     meta = read_metadata_json(src)["tensors"]
     flat, _skel, _slots = split_tensors(state)
     saved_keys = doc["keys"]
@@ -210,12 +216,7 @@ def read_sharded_full(folder: str | os.PathLike, subdir: str = DEFAULT_SUBDIR) -
     import safetensors
 
     src = Path(folder) / subdir
-    skel_path = src / SKELETON
-    if not skel_path.is_file():
-        raise CheckpointError(f"{skel_path} is missing: not a complete rlswift sharded state")
-    doc = orjson.loads(skel_path.read_bytes())
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"{skel_path}: not an {FORMAT} skeleton")
+    doc = _read_skeleton(src)
     meta = read_metadata_json(src)["tensors"]
     full: dict[str, torch.Tensor] = {}
     per_file: dict[str, list[tuple[str, dict]]] = {}

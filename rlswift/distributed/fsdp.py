@@ -66,10 +66,22 @@ def shard_model(model: nn.Module, info: DistInfo, reshard_after_forward: bool = 
     """
     if info.world_size == 1:
         return model
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    fully_shard(model, **_shard_layers(model, info, reshard_after_forward, mp_policy))
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            _sum_gradients(m)
+    return model
+
+
+def _shard_layers(model: nn.Module, info: DistInfo, reshard_after_forward: bool, mp_policy) -> dict:
+    """Move ``model`` to the rank's device and make each decoder layer an FSDP2 group; -> the ``fully_shard``
+    arguments for the root, which the caller shards last."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    if is_sharded(model):
+    if is_sharded(model) or any(isinstance(m, FSDPModule) for m in model.modules()):
         raise ValueError("model is already sharded (fully_shard was applied); shard each model once")
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
@@ -79,11 +91,7 @@ def shard_model(model: nn.Module, info: DistInfo, reshard_after_forward: bool = 
         model.to(info.device)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            _sum_gradients(m)
-    return model
+    return kwargs
 
 
 def _sum_gradients(m) -> None:
@@ -193,19 +201,9 @@ def shard_for_calls(model: nn.Module, info: DistInfo, keep_gathered: bool = Fals
     """
     if info.world_size == 1:
         return ModelRunner(model)
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    if is_sharded(model) or any(isinstance(m, FSDPModule) for m in model.modules()):
-        raise ValueError("model is already sharded (fully_shard was applied); shard each model once")
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
-    kwargs = {"mesh": mesh, "reshard_after_forward": not keep_gathered}
-    if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy
-    if info.device.type != "cpu":
-        model.to(info.device)
-    for layer in decoder_layers(model):
-        fully_shard(layer, **kwargs)
+    kwargs = _shard_layers(model, info, not keep_gathered, mp_policy)
     root = _CallRoot(model)
     fully_shard(root, **kwargs)
     for m in root.modules():
