@@ -102,13 +102,15 @@ def _modules_scannable():
         except Exception:
             return False
 
-    had = "hasattr" in vars(dispatcher)
+    own = vars(dispatcher).get("hasattr")  # None: the module uses the builtin
     dispatcher.hasattr = tolerant_hasattr
     try:
         yield
     finally:
-        if not had:
+        if own is None:
             del dispatcher.hasattr
+        else:
+            dispatcher.hasattr = own
 
 
 class VLLMEngine:
