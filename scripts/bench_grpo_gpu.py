@@ -1,7 +1,15 @@
-"""GRPO on one GPU, side by side: rlswift's recipe vs TRL 1.16 GRPOTrainer with colocated vLLM, same card, same lease.
+"""GRPO on the GPU, side by side: rlswift's recipe vs TRL 1.16 GRPOTrainer (colocated vLLM on one GPU, or TRL's server
+mode with `trl vllm-serve` on a second GPU), same cards, same lease.
 
     python scripts/bench_grpo_gpu.py --model DIR [--steps 10] [--order trl,rlswift] [--out DIR] [--no-gc] \
-        [--rlswift key=value ...]
+        [--rlswift key=value ...] [--variant NAME "key=value ..."]...
+    # 2 GPUs: trainer on GPU 0, engine on GPU 1 (sync and one-step-async rlswift vs TRL's server mode)
+    python scripts/bench_grpo_gpu.py --model DIR --order remote,remote_async,trl_server \
+        --variant remote "engine=remote remote.cuda_visible_devices=1 device=cuda:0" \
+        --variant remote_async "engine=remote remote.cuda_visible_devices=1 device=cuda:0 async_generation=true"
+
+Sides in --order: `trl` (colocate), `trl_server` (`trl vllm-serve` started on --server-gpu, the trainer on GPU 0),
+`rlswift` (the recipe with --rlswift overrides) and each --variant NAME (the recipe with --rlswift and its overrides).
 
 The workload is the TRL anchor's (scripts/gpu/trl_anchor/): a Qwen2.5-0.5B-shaped model folder (build it with
 `scripts/gpu/trl_anchor/build_model.py DIR --tokenizer-from scripts/gpu/trl_anchor`), its 2000 two-shot arithmetic
@@ -59,9 +67,10 @@ def rlswift_result(out: Path) -> dict:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steady = recs[1:]
     split = {k: statistics.mean(r["timing"].get(k, 0.0) for r in steady)
-             for k in ("rollout", "reward", "train", "sync")} if steady else {}
+             for k in ("rollout", "reward", "train", "sync", "wait")} if steady else {}
     step = stats([r["timing"]["step"] for r in steady])
-    if split:
+    if split and not split["wait"]:  # synchronous: the parts add up (async: the rollout overlaps training)
+        del split["wait"]
         split["other"] = step["mean"] - sum(split.values())
     return {"step": step, "split": split, "engine_start_s": recs[0]["timing"].get("engine_start"),
             "peak_alloc_gib": max(r["perf"].get("peak_allocated_gib", 0) for r in recs),
@@ -69,6 +78,38 @@ def rlswift_result(out: Path) -> dict:
             "tokens_per_s": stats([r["perf"]["generated_tokens_per_s"] for r in steady
                                    if r["perf"].get("generated_tokens_per_s")]),
             "reward_first": recs[0]["reward"], "reward_last": recs[-1]["reward"]}
+
+
+def trl_server(cmd: list[str], env: dict, out: Path, tag: str, gpu: str, timeout: float, model: str) -> int:
+    """TRL's server mode: `trl vllm-serve` (its own process group, on GPU ``gpu``), /health polled, then ``cmd`` (the
+    trainer, on GPU 0); the server is stopped afterwards whatever happened."""
+    import urllib.request
+
+    senv = dict(env, CUDA_VISIBLE_DEVICES=gpu)
+    with open(out / f"log_{tag}_serve.txt", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "trl.scripts.vllm_serve", "--model", model,
+                                   "--gpu_memory_utilization", "0.3", "--max_model_len", "384"],
+                                  env=senv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 300:
+            if server.poll() is not None:
+                print(f"  trl vllm-serve exited {server.returncode}; log {out / f'log_{tag}_serve.txt'}", flush=True)
+                return 1
+            try:
+                urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(2)
+        print(f"  trl vllm-serve answered /health after {time.perf_counter() - t0:.0f}s", flush=True)
+        return run(cmd, dict(env, CUDA_VISIBLE_DEVICES="0", VLLM_MODE="server"), out / f"log_{tag}.txt", timeout)
+    finally:
+        os.killpg(server.pid, 15)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait()
 
 
 def trl_result(path: Path) -> dict:
@@ -89,7 +130,14 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=280, help="seconds per side at most")
     ap.add_argument("--tag", default="", help="suffix for this run's result names")
     ap.add_argument("--rlswift", nargs="*", default=[], help="extra key=value overrides for the rlswift side")
+    ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "OVERRIDES"),
+                    help="an rlswift side named NAME with these space-separated key=value overrides (repeatable)")
+    ap.add_argument("--server-gpu", default="1", help="trl_server: the GPU of `trl vllm-serve`")
     a = ap.parse_args()
+    variants = {name: overrides.split() for name, overrides in a.variant}
+    unknown = [s for s in a.order.split(",") if s not in ("trl", "trl_server", "rlswift", *variants)]
+    if unknown:
+        ap.error(f"--order names {unknown}: use trl, trl_server, rlswift or a --variant name ({list(variants)})")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "anchor_prompts.jsonl"
@@ -99,14 +147,19 @@ def main() -> int:
     results: dict[str, dict] = {}
     for side in a.order.split(","):
         tag = side + a.tag
+        gc = ["--no-gc"] if a.no_gc else []
         if side == "trl":
-            cmd = [sys.executable, str(GPU / "trl_anchor" / "run_grpo.py"), a.model, tag] + (["--no-gc"] if a.no_gc else [])
+            cmd = [sys.executable, str(GPU / "trl_anchor" / "run_grpo.py"), a.model, tag, *gc]
             if run(cmd, env, out / f"log_{tag}.txt", a.timeout) == 0:
                 results[tag] = trl_result(out / f"result_{tag}.json")
-        elif side == "rlswift":
+        elif side == "trl_server":
+            cmd = [sys.executable, str(GPU / "trl_anchor" / "run_grpo_server.py"), a.model, tag, *gc]
+            if trl_server(cmd, env, out, tag, a.server_gpu, a.timeout, a.model) == 0:
+                results[tag] = trl_result(out / f"result_{tag}.json")
+        else:
             run_dir = out / f"run_{tag}"
             cmd = [sys.executable, "-m", "rlswift.recipes.grpo",
-                   *rlswift_args(a.model, prompts, run_dir, a.steps, not a.no_gc, a.rlswift)]
+                   *rlswift_args(a.model, prompts, run_dir, a.steps, not a.no_gc, a.rlswift + variants.get(side, []))]
             if run(cmd, env, out / f"log_{tag}.txt", a.timeout) == 0:
                 results[tag] = rlswift_result(run_dir)
         if tag in results:
@@ -120,17 +173,26 @@ def main() -> int:
         s = r["step"]
         print(f"{tag:24s} {s['mean']:11.3f} {s['min']:7.3f} {s['max']:7.3f} {r['peak_alloc_gib']:15.2f} "
               f"{r['peak_reserved_gib']:14.2f}")
-    rl, trl = results.get("rlswift" + a.tag), results.get("trl" + a.tag)
-    if rl and trl:
-        print(f"rlswift / TRL step time: {rl['step']['mean'] / trl['step']['mean']:.3f} (target <= 0.8); peak "
-              f"allocated {rl['peak_alloc_gib']:.2f} vs {trl['peak_alloc_gib']:.2f} GiB (target <=)")
-    if rl and rl["split"]:
-        print("rlswift split (s/step): " + ", ".join(f"{k} {v:.3f}" for k, v in rl["split"].items())
-              + f"; generated tokens/s {rl['tokens_per_s'].get('mean', 0):.0f}; engine start {rl['engine_start_s']}s")
-    if trl:
-        print(f"TRL split: vLLM.generate {trl['generate_s']}, sync_weights {trl['sync_s']}, "
-              f"vLLM init {trl['vllm_init_s']}")
-    return 0 if (rl or "rlswift" not in a.order) else 1
+    ours = [s for s in a.order.split(",") if s not in ("trl", "trl_server")]
+    for base in ("trl", "trl_server"):
+        b = results.get(base + a.tag)
+        for side in ours if b else []:
+            r = results.get(side + a.tag)
+            if r:
+                print(f"{side} / {base} step time: {r['step']['mean'] / b['step']['mean']:.3f}; peak allocated "
+                      f"{r['peak_alloc_gib']:.2f} vs {b['peak_alloc_gib']:.2f} GiB")
+    for side in ours:
+        r = results.get(side + a.tag)
+        if r and r["split"]:
+            print(f"{side} split (s/step): " + ", ".join(f"{k} {v:.3f}" for k, v in r["split"].items())
+                  + f"; step / rollout {r['step']['mean'] / max(r['split']['rollout'], 1e-9):.2f}"
+                  + f"; generated tokens/s {r['tokens_per_s'].get('mean', 0):.0f}; engine start {r['engine_start_s']}s")
+    for base in ("trl", "trl_server"):
+        b = results.get(base + a.tag)
+        if b:
+            print(f"{base} split: vLLM.generate {b['generate_s']}, sync_weights {b['sync_s']}, "
+                  f"vLLM init {b['vllm_init_s']}")
+    return 0 if all(s + a.tag in results for s in ours) else 1
 
 
 if __name__ == "__main__":

@@ -37,3 +37,35 @@ def test_remote_engine_matches_in_process_and_survives_a_killed_server(tmp_path,
     proc = ok(run_cli([*BASE, f"output_dir={killed}", *REMOTE], rlswift_cache, fault="kill-engine@2"))
     assert "died" in proc.stderr
     compare_runs(remote, killed, 4)
+
+
+@pytest.mark.parametrize("device, server", [
+    ("cpu", {"kv_cache_gib": 3}),
+    ("cuda", {"gpu_memory_utilization": 0.25, "enforce_eager": True, "max_num_seqs": 64,
+              "max_num_batched_tokens": None, "enable_sleep_mode": False}),
+])
+def test_a_launched_server_gets_the_vllm_settings_of_the_config(monkeypatch, device, server):
+    """engine=remote launching its server: vllm.* settings become the server's flags (GPU: memory, CUDA graphs,
+    batching), CUDA_VISIBLE_DEVICES puts it on its own GPU; nothing CUDA is touched here."""
+    import torch
+
+    from rlswift import config as cfglib
+    from rlswift.distributed.launch import DistInfo
+    from rlswift.recipes import grpo
+    from rlswift.state import RNGState
+
+    seen = {}
+    monkeypatch.setattr(grpo, "make_engine", lambda kind, model, **kw: seen.update(kind=kind, **kw) or object())
+    cfg = cfglib.load(grpo.GRPOConfig, None, ["engine=remote", "remote.cuda_visible_devices=1",
+                                              "vllm.gpu_memory_utilization=0.25", "vllm.enforce_eager=true",
+                                              "vllm.max_num_seqs=64", "vllm.kv_cache_gib=3"])
+    dev = torch.device(device)
+    grpo.start_engine(cfg, "m", "bfloat16", dev, RNGState(), DistInfo(0, 1, 0, dev, True))
+    assert seen["kind"] == "remote" and seen["engine"] == "vllm" and seen["env"] == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert {k: seen[k] for k in server} == server
+    other = {"kv_cache_gib"} if device == "cuda" else {"gpu_memory_utilization", "enforce_eager"}
+    assert not other & set(seen), seen
+
+    cfg = cfglib.load(grpo.GRPOConfig, None, ["engine=remote", "remote.engine=hf"])
+    grpo.start_engine(cfg, "m", "float32", dev, RNGState(), DistInfo(0, 1, 0, dev, True))
+    assert seen["engine"] == "hf" and seen["device"] == device

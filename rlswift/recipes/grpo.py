@@ -335,16 +335,20 @@ def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: t
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager)
         else:
             kwargs.update(kv_cache_gib=v.kv_cache_gib)
-    elif cfg.engine == "remote":
-        r = cfg.remote
-        kwargs = {"url": r.url} if r.url else {
-            "engine": r.engine, "seed": cfg.seed, "weight_transport": r.weight_transport,
-            "env": {"CUDA_VISIBLE_DEVICES": r.cuda_visible_devices} if r.cuda_visible_devices else None,
-            **({"kv_cache_gib": cfg.vllm.kv_cache_gib} if r.engine == "vllm" and device.type == "cpu" else {}),
-            **({"gpu_memory_utilization": cfg.vllm.gpu_memory_utilization} if r.engine == "vllm"
-               and device.type == "cuda" else {})}
-        if r.url:
-            kwargs["weight_transport"] = r.weight_transport
+    elif cfg.engine == "remote" and cfg.remote.url:
+        kwargs = {"url": cfg.remote.url, "weight_transport": cfg.remote.weight_transport}
+    elif cfg.engine == "remote":  # a launched server: the engine settings become its flags
+        r, v = cfg.remote, cfg.vllm
+        kwargs = {"engine": r.engine, "seed": cfg.seed, "weight_transport": r.weight_transport,
+                  "env": {"CUDA_VISIBLE_DEVICES": r.cuda_visible_devices} if r.cuda_visible_devices else None}
+        if r.engine == "hf":
+            kwargs["device"] = "cuda" if device.type == "cuda" else "cpu"  # the server's own (visible) GPU
+        elif device.type == "cuda":
+            kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager,
+                          max_num_seqs=v.max_num_seqs, max_num_batched_tokens=v.max_num_batched_tokens,
+                          enable_sleep_mode=v.enable_sleep_mode)
+        else:
+            kwargs["kv_cache_gib"] = v.kv_cache_gib
     else:
         kwargs = {"device": str(device)}
     snapshot = rng.state_dict()

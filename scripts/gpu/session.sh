@@ -9,13 +9,8 @@
 set -u
 stage=${1:?stage}; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 M=/tmp/qwen05b-rand
-env_up() {
-  [ -f /tmp/gpu-env ] && source /tmp/gpu-env
-  export PYTHONPATH=/tmp/site2:/tmp/site:$PWD:$PWD/scripts/gpu:$PWD/tests HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    TOKENIZERS_PARALLELISM=false VLLM_ENABLE_V1_MULTIPROCESSING=0 RLSWIFT_CACHE=/tmp/rlswift-cache
-}
+env_up() { source scripts/gpu/env.sh; }
 case $stage in
   unpack) bash scripts/gpu/unpack-on-gpu .gpu 2>&1 | tee -a "$OUT/unpack.log" ;;
   setup)
