@@ -72,6 +72,22 @@ def test_lora_init_same_seed_same_adapter_and_global_rng_untouched(tiny_model_di
     assert any("q_proj" in k for k in sa) and any("down_proj" in k for k in sa)
 
 
+def test_model_builds_never_reseed_the_gpus(tiny_model_dir, tmp_path, monkeypatch):
+    """Found on 2 H200s: building the tiny model (a cache miss) called torch.manual_seed, which reseeds every GPU's
+    generator outside what fork_rng restores, so rank 1's CUDA stream differed between a run that built the model
+    and one that found it cached. Model builds and LoRA init must seed only the generators they restore."""
+    from rlswift.models.tiny import build_tiny_model
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("all", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("current", seed)))
+    cpu = torch.get_rng_state()
+    build_tiny_model(tmp_path / "tiny", seed=3)
+    load_policy(tiny_model_dir, lora_rank=4, seed=7)
+    assert calls == [], calls
+    assert torch.equal(torch.get_rng_state(), cpu)
+
+
 def test_policy_state_roundtrip_full_and_lora(tiny_model_dir):
     for rank in (0, 4):
         model = load_policy(tiny_model_dir, lora_rank=rank, seed=0)

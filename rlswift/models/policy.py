@@ -93,10 +93,13 @@ def load_policy(
         task_type="CAUSAL_LM",
         bias="none",
     )
-    # Seed every device the model lives on: kaiming init of lora_A runs on the base layer's device.
+    # Seed every device the model lives on (kaiming init of lora_A runs on the base layer's device) and only those:
+    # torch.manual_seed would reseed every GPU of the process, outside what fork_rng restores.
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
         peft_model = get_peft_model(model, config)
     peft_model.eval()
     return peft_model

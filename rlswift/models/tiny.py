@@ -93,7 +93,7 @@ def build_tiny_model(
     )
     # Initialise under a forked, seeded global stream: the build must not disturb the caller's RNG state.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU stream only: torch.manual_seed would reseed every GPU
         model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id

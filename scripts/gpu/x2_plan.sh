@@ -7,7 +7,7 @@
 #        verify-resume on the two GPUs
 # usage:
 #   bash scripts/gpu/x2_plan.sh prep                 carried vLLM pieces aside/unpacked, wheels, model, prompts
-#   bash scripts/gpu/x2_plan.sh dist                 #11 with the HF engine (needs no vLLM), in the foreground
+#   bash scripts/gpu/x2_plan.sh dist [d22 d21 d12]   #11 with the HF engine (needs no vLLM), in the foreground
 #   bash scripts/gpu/x2_plan.sh start END_EPOCH      the vLLM jobs in the background (setsid); phases that cannot
 #                                                    finish before END_EPOCH are skipped
 #   bash scripts/gpu/x2_plan.sh collect SECONDS      wait up to SECONDS for the background jobs; results -> $OUT/res.tgz
@@ -55,10 +55,12 @@ case $stage in
       > $R/build.log 2>&1 || tail -5 $R/build.log
     [ -f $P ] || python3 -c "import json, bench_rewards as b; open('$P', 'w').writelines(json.dumps(r) + '\n' for r in b.anchor_prompts())"
     python3 -c "import torch, rlswift; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())" ;;
-  dist)  # 4 steps each; the tiny model keeps each run to seconds
-    verify d22 --recipe grpo --steps 4 --kill-at 3 --nproc 2 --rank 1 "${TINY[@]}"
-    verify d21 --recipe grpo --steps 4 --kill-at 3 --nproc 2 --resume-nproc 1 "${TINY[@]}"
-    verify d12 --recipe grpo --steps 4 --kill-at 3 --nproc 1 --resume-nproc 2 "${TINY[@]}"
+  dist)  # [NAME...] (default all): 4 steps each; the tiny model keeps each run to seconds
+    for d in ${@:-d22 d21 d12}; do case $d in
+      d22) verify d22 --recipe grpo --steps 4 --kill-at 3 --nproc 2 --rank 1 "${TINY[@]}" ;;
+      d21) verify d21 --recipe grpo --steps 4 --kill-at 3 --nproc 2 --resume-nproc 1 "${TINY[@]}" ;;
+      d12) verify d12 --recipe grpo --steps 4 --kill-at 3 --nproc 1 --resume-nproc 2 "${TINY[@]}" ;;
+    esac; done
     cat $R/summary.txt ;;
   start)
     END=${1:?END_EPOCH}
