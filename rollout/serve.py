@@ -42,7 +42,20 @@ class _Weights:
         return self.thread is not None and self.thread.is_alive()
 
 
-def make_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, kind: str = "") -> ThreadingHTTPServer:
+class WeightServer(ThreadingHTTPServer):
+    """The HTTP server of ``make_server``; closing it also tears down its weight process group (an NCCL group left
+    alive warns at exit that destroy_process_group() was never called)."""
+
+    weights: _Weights
+
+    def server_close(self) -> None:
+        super().server_close()
+        channel, self.weights.channel = self.weights.channel, None
+        if channel is not None:
+            channel.close()
+
+
+def make_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, kind: str = "") -> WeightServer:
     """An HTTP server around ``engine``; calls to the engine are serialised by one lock."""
     lock = threading.Lock()
     w = _Weights()
@@ -175,7 +188,9 @@ def make_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, k
                 raise w.result
             self._reply(200, {"ok": True, "updated": w.result})
 
-    return ThreadingHTTPServer((host, port), Handler)
+    server = WeightServer((host, port), Handler)
+    server.weights = w
+    return server
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:

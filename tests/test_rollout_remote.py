@@ -216,3 +216,23 @@ def test_killed_server_is_restarted_with_the_last_weights(tiny_model_dir):
         assert got == want
     finally:
         remote.close()
+
+
+def test_closing_the_server_tears_down_its_weight_group(tiny_model_dir):
+    """rollout.serve's shutdown closes the weight process group it joined (on GPU an NCCL group left alive warned
+    "destroy_process_group() was not called before program exit" in every remote run on 2 H200s)."""
+    from rollout.serve import make_server
+
+    server = make_server(HFEngine(tiny_model_dir), "127.0.0.1", 0, kind="hf")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    client = RemoteEngine(f"http://{host}:{port}", weight_transport="gloo", transport_timeout=60, timeout=120)
+    client.update_weights(perturbed(tiny_model_dir).state_dict().items())
+    channel = server.weights.channel
+    assert channel is not None and channel.pg is not None
+    client.close()
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+    assert server.weights.channel is None and channel.pg is None
