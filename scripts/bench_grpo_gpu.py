@@ -72,7 +72,9 @@ def rlswift_result(out: Path) -> dict:
     if split and not split["wait"]:  # synchronous: the parts add up (async: the rollout overlaps training)
         del split["wait"]
         split["other"] = step["mean"] - sum(split.values())
+    served = [r["timing"]["engine_generate"] for r in steady if "engine_generate" in r["timing"]]
     return {"step": step, "split": split, "engine_start_s": recs[0]["timing"].get("engine_start"),
+            "engine_generate_s": statistics.mean(served) if served else None,  # engine=remote: the server's own time
             "peak_alloc_gib": max(r["perf"].get("peak_allocated_gib", 0) for r in recs),
             "peak_reserved_gib": max(r["perf"].get("peak_reserved_gib", 0) for r in recs),
             "tokens_per_s": stats([r["perf"]["generated_tokens_per_s"] for r in steady
@@ -186,6 +188,7 @@ def main() -> int:
         if r and r["split"]:
             print(f"{side} split (s/step): " + ", ".join(f"{k} {v:.3f}" for k, v in r["split"].items())
                   + f"; step / rollout {r['step']['mean'] / max(r['split']['rollout'], 1e-9):.2f}"
+                  + (f"; server-side generation {r['engine_generate_s']:.3f}" if r["engine_generate_s"] else "")
                   + f"; generated tokens/s {r['tokens_per_s'].get('mean', 0):.0f}; engine start {r['engine_start_s']}s")
     for base in ("trl", "trl_server"):
         b = results.get(base + a.tag)

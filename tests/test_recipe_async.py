@@ -31,6 +31,9 @@ def test_remote_engine_matches_in_process_and_survives_a_killed_server(tmp_path,
     a, b = list(read_jsonl(local / "trajectories.jsonl")), list(read_jsonl(remote / "trajectories.jsonl"))
     assert len(a) == len(b) == 5 * 16  # 4 steps + the batch sampled during the last one
     assert [r["completion_ids"] for r in a] == [r["completion_ids"] for r in b]
+    # The server's own generation time is logged beside the client's (the difference: transport and waiting).
+    timings = [r["timing"] for r in read_jsonl(remote / "metrics.jsonl")]
+    assert all(0 < t["engine_generate"] <= t["rollout"] for t in timings), timings
 
     # The server is SIGKILLed while it generates the batch for step 3; the client relaunches it, re-sends the
     # weights and repeats the request: the run is the same as the undisturbed one.
