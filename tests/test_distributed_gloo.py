@@ -475,6 +475,9 @@ def _scenario_loop(info, out: Path, model_dir: str, result: dict) -> None:
 
 
 # =============================================================================================== test side
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def _launch(nproc: int, scenario: str, out: Path, model_dir: Path, wait: bool = True):
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -485,6 +488,11 @@ def _launch(nproc: int, scenario: str, out: Path, model_dir: Path, wait: bool = 
         return subprocess.Popen(cmd, env=env, cwd=str(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
     proc = subprocess.run(cmd, env=env, cwd=str(out), capture_output=True, text=True, timeout=400)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr:
+        # A known intermittent crash inside gloo itself (std::terminate in a rank on a loaded machine; seen once in
+        # CI with 4 ranks on 2 cores, pytorch/pytorch#65231 is the same signature), not a result of ours: one retry.
+        print(f"torchrun {scenario}: a rank aborted inside gloo ({GLOO_ABORT!r}); retrying once", file=sys.stderr)
+        proc = subprocess.run(cmd, env=env, cwd=str(out), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"torchrun {scenario} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [json.loads((out / f"result-rank{r}.json").read_text()) for r in range(nproc)]
 
