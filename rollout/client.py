@@ -74,6 +74,8 @@ class RemoteEngine:
         self._pending: list[tuple[str, torch.Tensor]] = []  # the update being sent (a restart sends it too)
         self._via: str | None = None  # the transport chosen for the current server
         self._last_sync_ms: float | None = None
+        self.last_server_generate_s: float | None = None
+        """The server's own time for the last generate() (the rest of the call is transport); None before one."""
 
     # ------------------------------------------------------------------ HTTP
     def _call(self, method: str, path: str, body: bytes | None = None, ctype: str = "application/json") -> dict:
@@ -158,6 +160,7 @@ class RemoteEngine:
         """Same contract as the in-process engines (repeated on a restarted server if the server dies meanwhile)."""
         body = orjson.dumps({"requests": [request_to_dict(r) for r in requests]})
         out = self._retrying(lambda: self._call("POST", "/generate", body))
+        self.last_server_generate_s = out.get("generate_s")
         return [Rollout.from_dict(d) for d in out["rollouts"]]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],

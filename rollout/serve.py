@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -113,11 +114,13 @@ def make_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, k
                 reqs = [request_from_dict(d) for d in payload.get("requests", [])]
                 with lock:
                     generating[0] += 1
+                    t0 = time.perf_counter()
                     try:
                         outs = engine.generate(reqs)
                     finally:
                         generating[0] -= 1
-                self._reply(200, {"rollouts": [o.to_dict() for o in outs]})
+                    seconds = time.perf_counter() - t0
+                self._reply(200, {"rollouts": [o.to_dict() for o in outs], "generate_s": round(seconds, 4)})
             elif self.path == "/update_weights":
                 from safetensors.torch import load
 

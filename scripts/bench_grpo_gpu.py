@@ -147,9 +147,9 @@ def main() -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OUT=str(out),
                PYTHONPATH=os.pathsep.join([str(GPU), str(REPO), os.environ.get("PYTHONPATH", "")]))
     results: dict[str, dict] = {}
+    gc = ["--no-gc"] if a.no_gc else []
     for side in a.order.split(","):
         tag = side + a.tag
-        gc = ["--no-gc"] if a.no_gc else []
         if side == "trl":
             cmd = [sys.executable, str(GPU / "trl_anchor" / "run_grpo.py"), a.model, tag, *gc]
             if run(cmd, env, out / f"log_{tag}.txt", a.timeout) == 0:

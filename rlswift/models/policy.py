@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from rlswift.errors import MissingError
+from rlswift.state.rng import forked_seed
 
 _DTYPES = {
     "float32": torch.float32,
@@ -93,13 +94,8 @@ def load_policy(
         task_type="CAUSAL_LM",
         bias="none",
     )
-    # Seed every device the model lives on (kaiming init of lora_A runs on the base layer's device) and only those:
-    # torch.manual_seed would reseed every GPU of the process, outside what fork_rng restores.
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        for d in devices:
-            torch.cuda.default_generators[d].manual_seed(seed)
+    # Seed every device the model lives on: kaiming init of lora_A runs on the base layer's device.
+    with forked_seed(seed, {p.device.index for p in model.parameters() if p.device.type == "cuda"}):
         peft_model = get_peft_model(model, config)
     peft_model.eval()
     return peft_model

@@ -11,9 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from rlswift.models.cache import cache_dir
+from rlswift.state.rng import forked_seed
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -91,9 +90,8 @@ def build_tiny_model(
         pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"),
         torch_dtype="float32",
     )
-    # Initialise under a forked, seeded global stream: the build must not disturb the caller's RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)  # the CPU stream only: torch.manual_seed would reseed every GPU
+    # Initialise under a forked, seeded CPU stream: the build must not disturb the caller's RNG state.
+    with forked_seed(seed):
         model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id

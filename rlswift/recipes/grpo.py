@@ -625,9 +625,9 @@ def main(argv: list[str] | None = None) -> int:
                                               reward_funcs, weights, cache, spec, info)
             timings["rollout"] += t_r
             timings["reward"] += t_w
-            if cfg.engine == "remote":  # the server's own generation time: the rest of t_r is transport and waiting
-                own = engine.stats().get("last_generate_s") or 0.0  # None on a server relaunched meanwhile
-                timings["engine_generate"] = timings.get("engine_generate", 0.0) + own
+            served = engine.last_server_generate_s if cfg.engine == "remote" else None
+            if served is not None:  # the server's own generation time: the rest of t_r is transport and waiting
+                timings["engine_generate"] = timings.get("engine_generate", 0.0) + served
             timings["generated_tokens"] += sum(len(c) for g in fresh for c in g.completion_ids)
             for g in fresh:
                 finite = [r for r in g.rewards.tolist() if math.isfinite(r)]  # NaN: unscorable, no statistics

@@ -8,8 +8,10 @@ strings, tuples, lists, dicts and numpy arrays, so the checkpoint codec stores i
 
 from __future__ import annotations
 
+import contextlib
 import random
 import warnings
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -48,6 +50,19 @@ def seed_everything(seed: int) -> None:
     # numpy's legacy seeding accepts only 32-bit seeds; fold larger ones rather than failing.
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@contextlib.contextmanager
+def forked_seed(seed: int, cuda_devices: Iterable[int] = ()) -> Iterator[None]:
+    """Run the block on torch's CPU stream (and the given GPUs' streams) seeded with ``seed``; every stream is as it
+    was afterwards. Only those generators are touched: ``torch.manual_seed`` would reseed every GPU of the process,
+    outside what ``fork_rng`` restores (found on 2 GPUs: rank 1's stream changed when a model was built)."""
+    devices = sorted(cuda_devices)
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        yield
 
 
 # Generators user components registered with `rlswift.register_generator`; each run's RNGState tracks them.

@@ -6,7 +6,7 @@
 #   #14  the remote engine on GPU 1 (weights over NCCL), sync and one-step-async, vs TRL's server mode; async
 #        verify-resume on the two GPUs
 # usage:
-#   bash scripts/gpu/x2_plan.sh prep                 carried vLLM pieces aside/unpacked, wheels, model, prompts
+#   bash scripts/gpu/x2_plan.sh prep                 session.sh unpack + setup (pieces, wheels, model), prompts
 #   bash scripts/gpu/x2_plan.sh dist [d22 d21 d12]   #11 with the HF engine (needs no vLLM), in the foreground
 #   bash scripts/gpu/x2_plan.sh start END_EPOCH      the vLLM jobs in the background (setsid); phases that cannot
 #                                                    finish before END_EPOCH are skipped
@@ -47,12 +47,8 @@ bench() {  # NAME ARGS...: scripts/bench_grpo_gpu.py on the 0.5B model (8 steps)
 left() { echo $(( END - $(date +%s) )); }
 
 case $stage in
-  prep)
-    bash scripts/gpu/unpack-on-gpu .gpu
-    [ -d /tmp/site2/orjson ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl/*.whl
-    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
-    [ -f $M/config.json ] || python3 scripts/gpu/trl_anchor/build_model.py $M --tokenizer-from scripts/gpu/trl_anchor \
-      > $R/build.log 2>&1 || tail -5 $R/build.log
+  prep)  # session.sh's unpack + setup (each call may carry one more vLLM piece), then the verify runs' prompts
+    bash scripts/gpu/session.sh unpack && bash scripts/gpu/session.sh setup
     [ -f $P ] || python3 -c "import json, bench_rewards as b; open('$P', 'w').writelines(json.dumps(r) + '\n' for r in b.anchor_prompts())"
     python3 -c "import torch, rlswift; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())" ;;
   dist)  # [NAME...] (default all): 4 steps each; the tiny model keeps each run to seconds
