@@ -12,7 +12,7 @@ from rollout.serve import READY_PREFIX
 
 CLIENT_KWARGS = ("weight_transport", "transport_timeout", "bucket_bytes", "keep_weights", "max_restarts")
 SERVE_KWARGS = ("max_model_len", "seed", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "max_num_seqs",
-                "max_num_batched_tokens", "enable_sleep_mode", "sleep_level", "sync_method", "device")
+                "max_num_batched_tokens", "block_size", "enable_sleep_mode", "sleep_level", "sync_method", "device")
 
 
 def serve_flags(settings: dict[str, Any]) -> list[str]:

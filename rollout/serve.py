@@ -205,7 +205,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         kw["device"] = a.device
         return kw
     kw["seed"] = a.seed
-    for key in ("kv_cache_gib", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "sync_method"):
+    for key in ("kv_cache_gib", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                "sync_method"):
         if getattr(a, key) is not None:
             kw[key] = getattr(a, key)
     if a.enforce_eager:
@@ -215,8 +216,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse arguments, start the engine and the server, print the ready line, serve until /shutdown."""
+def parser() -> argparse.ArgumentParser:
+    """The server's command line (``RemoteEngine.launch`` writes it from engine settings: ``serve_flags``)."""
     p = argparse.ArgumentParser(prog="python -m rollout.serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model folder (safetensors + tokenizer)")
     p.add_argument("--engine", choices=["vllm", "hf"], default="hf")
@@ -231,10 +232,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="vLLM: no CUDA graphs")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=None, help="vLLM KV block tokens (default: 32 on CPU)")
     p.add_argument("--enable-sleep-mode", action="store_true", help="vLLM on GPU: /sleep frees the KV cache")
     p.add_argument("--sleep-level", type=int, default=1, choices=[1, 2])
     p.add_argument("--sync-method", default=None, choices=["auto", "reload", "load_weights"])
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, start the engine and the server, print the ready line, serve until /shutdown."""
+    a = parser().parse_args(argv)
     engine = make_engine(a.engine, a.model, **engine_kwargs(a))
     server = make_server(engine, a.host, a.port, kind=a.engine)
     host, port = server.server_address[:2]

@@ -43,9 +43,9 @@ def test_remote_engine_matches_in_process_and_survives_a_killed_server(tmp_path,
 
 
 @pytest.mark.parametrize("device, server", [
-    ("cpu", {"kv_cache_gib": 3}),
+    ("cpu", {"kv_cache_gib": 3, "block_size": 64}),
     ("cuda", {"gpu_memory_utilization": 0.25, "enforce_eager": True, "max_num_seqs": 64,
-              "max_num_batched_tokens": None, "enable_sleep_mode": False}),
+              "max_num_batched_tokens": None, "block_size": 64, "enable_sleep_mode": False}),
 ])
 def test_a_launched_server_gets_the_vllm_settings_of_the_config(monkeypatch, device, server):
     """engine=remote launching its server: vllm.* settings become the server's flags (GPU: memory, CUDA graphs,
@@ -61,7 +61,8 @@ def test_a_launched_server_gets_the_vllm_settings_of_the_config(monkeypatch, dev
     monkeypatch.setattr(grpo, "make_engine", lambda kind, model, **kw: seen.update(kind=kind, **kw) or object())
     cfg = cfglib.load(grpo.GRPOConfig, None, ["engine=remote", "remote.cuda_visible_devices=1",
                                               "vllm.gpu_memory_utilization=0.25", "vllm.enforce_eager=true",
-                                              "vllm.max_num_seqs=64", "vllm.kv_cache_gib=3"])
+                                              "vllm.max_num_seqs=64", "vllm.kv_cache_gib=3",
+                                              "vllm.block_size=64"])
     dev = torch.device(device)
     grpo.start_engine(cfg, "m", "bfloat16", dev, RNGState(), DistInfo(0, 1, 0, dev, True))
     assert seen["kind"] == "remote" and seen["engine"] == "vllm" and seen["env"] == {"CUDA_VISIBLE_DEVICES": "1"}

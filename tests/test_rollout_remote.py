@@ -77,6 +77,13 @@ def test_launch_settings_become_server_flags():
         "--max-model-len", "512", "--seed", "0", "--enforce-eager", "--gpu-memory-utilization", "0.8"]
     with pytest.raises(ValueError, match="unknown argument 'max_tokens'.*engine settings"):
         serve_flags({"max_tokens": 3})
+    # ... and the server reads them back into the engine's settings.
+    from rollout.serve import engine_kwargs, parser
+
+    settings = {"max_model_len": 512, "seed": 3, "kv_cache_gib": 1, "max_num_seqs": 8, "block_size": 64,
+                "sync_method": "reload"}
+    a = parser().parse_args(["--model", "m", "--engine", "vllm", *serve_flags(settings)])
+    assert engine_kwargs(a) == {"dtype": "float32", **settings}
 
 
 def test_launch_failure_is_reported(tmp_path):

@@ -48,6 +48,39 @@ def test_prompt_alone_equals_prompt_in_batch_of_32(engine):
     assert batch[34].completion_ids == alone.completion_ids
 
 
+def test_a_group_shares_its_prompt_blocks_on_cpu_with_the_same_tokens(engine, tiny_model_dir, ref):
+    """On CPU the default KV block is 32 tokens, not vLLM's 128: samples 2..G of a group read the whole blocks of
+    the prompt that sample 1 computes in the same step, and the tokens and logprobs are exactly those of an engine
+    with 128-token blocks, where a 70-token prompt is computed once per sample."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine.update_weights(ref.named_parameters())
+    assert engine.llm.llm_engine.vllm_config.cache_config.block_size == 32
+    group_prompts = [[(5 + 7 * i + 3 * k) % 500 + 3 for k in range(70)] for i in range(3)]
+    reqs = [Request(p, [40 + i, 50 + i, 60 + i, 70 + i], SPEC) for i, p in enumerate(group_prompts)]
+    got = engine.generate(reqs)
+    engine.llm.reset_prefix_cache()
+    outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in group_prompts for _ in range(4)],
+                               [SamplingParams(seed=s, max_tokens=2) for s in range(12)], use_tqdm=False)
+    assert [o.num_cached_tokens for o in outs] == [0, 64, 64, 64] * 3  # 2 whole blocks of 32 shared
+
+    # 128-token blocks in another process (closing a second in-process engine tears down the first one's groups).
+    code = (
+        "import json; from rollout.vllm_engine import VLLMEngine; from rollout.types import Request, SamplingSpec\n"
+        f"e = VLLMEngine({str(tiny_model_dir)!r}, max_model_len=512, kv_cache_gib=1, block_size=128)\n"
+        "assert e.llm.llm_engine.vllm_config.cache_config.block_size == 128\n"
+        "s = SamplingSpec(top_k=50, top_p=0.95, max_tokens=12)\n"
+        f"reqs = [Request(p, [40 + i, 50 + i, 60 + i, 70 + i], s) for i, p in enumerate({group_prompts!r})]\n"
+        "print('RESULT' + json.dumps([[o.completion_ids, o.logprobs] for o in e.generate(reqs)]))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=300)
+    want = json.loads([x for x in out.stdout.splitlines() if x.startswith("RESULT")][-1][len("RESULT"):])
+    assert [o.completion_ids for o in got] == [ids for ids, _ in want]
+    assert [o.logprobs for o in got] == [lps for _, lps in want]  # bit for bit
+
+
 def test_logprobs_are_raw_model_logprobs(engine, ref):
     outs = engine.generate([Request(LONG, [1], SamplingSpec(temperature=0.7, top_k=20, max_tokens=8)),
                             Request(prompts(1)[0], [2], SPEC)])
@@ -200,6 +233,7 @@ def test_settings_are_validated_before_vllm_starts(tiny_model_dir):
     bad = [({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be in"),
            ({"max_num_seqs": 0}, "max_num_seqs must be a positive int"),
            ({"max_num_batched_tokens": 2.5}, "max_num_batched_tokens must be a positive int"),
+           ({"block_size": 0}, "block_size must be a positive int"),
            ({"sleep_level": 3}, "sleep_level must be 1"),
            ({"sync_method": "fast"}, "sync_method must be one of"),
            ({"enforce_eager": "yes"}, "enforce_eager must be"),

@@ -131,6 +131,9 @@ class VLLMSettings:
     """Sequences vLLM decodes at once at most (vLLM's default when unset)."""
     max_num_batched_tokens: int | None = None
     """Tokens per vLLM scheduler step at most (vLLM's default when unset)."""
+    block_size: int | None = None
+    """KV cache block in tokens; unset = the engine's default (32 on CPU, so a group's samples share their prompt's
+    blocks; vLLM's 16 on GPU). Only whole blocks of a prompt are shared."""
     enable_sleep_mode: bool = False
     """Free vLLM's KV cache while the policy trains and wake it for the next rollout (GPU only)."""
     sync_method: Literal["auto", "load_weights", "reload"] = "auto"
@@ -328,7 +331,7 @@ def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: t
     if cfg.engine == "vllm":
         v = cfg.vllm
         kwargs = {"seed": cfg.seed, "max_num_seqs": v.max_num_seqs, "max_num_batched_tokens": v.max_num_batched_tokens,
-                  "enable_sleep_mode": v.enable_sleep_mode, "sync_method": v.sync_method}
+                  "block_size": v.block_size, "enable_sleep_mode": v.enable_sleep_mode, "sync_method": v.sync_method}
         if info.distributed:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if device.type == "cuda":  # the memory and CUDA-graph settings of each platform (the engine says what it ignores)
@@ -346,9 +349,9 @@ def start_engine(cfg: GRPOConfig, model_path: Path, engine_dtype: str, device: t
         elif device.type == "cuda":
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager,
                           max_num_seqs=v.max_num_seqs, max_num_batched_tokens=v.max_num_batched_tokens,
-                          enable_sleep_mode=v.enable_sleep_mode)
+                          block_size=v.block_size, enable_sleep_mode=v.enable_sleep_mode)
         else:
-            kwargs["kv_cache_gib"] = v.kv_cache_gib
+            kwargs.update(kv_cache_gib=v.kv_cache_gib, block_size=v.block_size)
     else:
         kwargs = {"device": str(device)}
     snapshot = rng.state_dict()

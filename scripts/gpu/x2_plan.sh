@@ -8,8 +8,11 @@
 # usage:
 #   bash scripts/gpu/x2_plan.sh prep                 session.sh unpack + setup (pieces, wheels, model), prompts
 #   bash scripts/gpu/x2_plan.sh dist [d22 d21 d12]   #11 with the HF engine (needs no vLLM), in the foreground
-#   bash scripts/gpu/x2_plan.sh start END_EPOCH      the vLLM jobs in the background (setsid); phases that cannot
-#                                                    finish before END_EPOCH are skipped
+#   bash scripts/gpu/x2_plan.sh start END_EPOCH [PLAN]  the vLLM jobs in the background (setsid); phases that
+#                                                    cannot finish before END_EPOCH are skipped. PLAN: `plan` (the
+#                                                    lease of 2026-11-30 morning, default) or `plan2` (the next one:
+#                                                    #15's shared-prompt / packing A/B on the GPU, then #11's vLLM
+#                                                    per rank across a kill and #14's async split)
 #   bash scripts/gpu/x2_plan.sh collect SECONDS      wait up to SECONDS for the background jobs; results -> $OUT/res.tgz
 # Every job writes /tmp/res/NAME.log and a line in /tmp/res/summary.txt (exit code, seconds, verdict).
 set -u
@@ -63,7 +66,7 @@ case $stage in
     echo "[$(date +%T)] plan start; $(left)s left" >> $R/summary.txt
     # From a copy: the next calls re-send the working tree, and bash reads a script while it runs it.
     rm -rf /tmp/repo && mkdir /tmp/repo && cp -a rlswift rollout recipes scripts tests pyproject.toml /tmp/repo/
-    (cd /tmp/repo && setsid nohup bash scripts/gpu/x2_plan.sh plan "$END" > $R/plan.log 2>&1 < /dev/null &)
+    (cd /tmp/repo && setsid nohup bash scripts/gpu/x2_plan.sh "${2:-plan}" "$END" > $R/plan.log 2>&1 < /dev/null &)
     echo "background plan started" ;;
   plan)  # (the background part) phase A: one lane per GPU
     END=${1:?END_EPOCH}
@@ -84,6 +87,22 @@ case $stage in
       async_generation=true vllm.enforce_eager=true
     [ $(left) -gt 240 ] && verify v_dist_vllm --recipe grpo --steps 4 --kill-at 3 --nproc 2 "${GRPO05[@]}" \
       vllm.enforce_eager=true
+    echo "[$(date +%T)] plan done" >> $R/summary.txt ;;
+  plan2)  # phase A, one lane per GPU: #15's A/B of the shared-prompt forward and packed completions vs TRL colocate
+    END=${1:?END_EPOCH}
+    ( export CUDA_VISIBLE_DEVICES=0
+      bench ab_gc --order rlswift,noshare,nopack,trl --variant noshare "shared_prompt=false" \
+        --variant nopack "pack_completions=false" ) &
+    ( export CUDA_VISIBLE_DEVICES=1
+      bench ab_nogc --no-gc --order rlswift,noshare,trl --variant noshare "shared_prompt=false" ) &
+    wait
+    # phase B, both GPUs: #11 vLLM per rank under torchrun across a kill, bit for bit; #14 the async split with the
+    # server's own generation time (timing.engine_generate)
+    [ $(left) -gt 240 ] && verify v_dist_vllm --recipe grpo --steps 4 --kill-at 3 --nproc 2 "${GRPO05[@]}" \
+      vllm.enforce_eager=true
+    REMOTE="engine=remote remote.cuda_visible_devices=1 device=cuda:0"
+    [ $(left) -gt 300 ] && bench b_remote2 --order remote,remote_async --variant remote "$REMOTE" \
+      --variant remote_async "$REMOTE async_generation=true"
     echo "[$(date +%T)] plan done" >> $R/summary.txt ;;
   collect)
     t=$(date +%s)
