@@ -300,8 +300,8 @@ class RemoteEngine:
         """Start ``python -m rollout.serve`` as a subprocess, wait for its ready line, return a client owning it
         (and able to restart it). ``env`` e.g. ``{"CUDA_VISIBLE_DEVICES": "1"}`` puts the engine on another GPU.
         ``kwargs``: engine settings (the server's flags: max_model_len, seed, kv_cache_gib, gpu_memory_utilization,
-        enforce_eager, max_num_seqs, max_num_batched_tokens, block_size, enable_sleep_mode, sleep_level, sync_method, device;
-        None = the engine's default) and client settings (weight_transport, transport_timeout, bucket_bytes,
+        enforce_eager, max_num_seqs, max_num_batched_tokens, block_size, enable_sleep_mode, sleep_level, sync_method,
+        device; None = the engine's default) and client settings (weight_transport, transport_timeout, bucket_bytes,
         keep_weights, max_restarts)."""
         client_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in CLIENT_KWARGS}
         cmd = [sys.executable, "-m", "rollout.serve", "--model", str(model), "--engine", engine,

@@ -3,6 +3,9 @@
     python scripts/bench_train_forward.py [--model smollm2-135m] [--threads 1] [--reps 3]
                                           [--shapes 4x4x46x24,4x4x46x128] [--chunk-size 256]
     python scripts/bench_train_forward.py --memory [--threads 1]
+    # on a GPU, as the recipe trains there: bf16 autocast, deterministic kernels, gradient checkpointing
+    python scripts/bench_train_forward.py --model DIR --device cuda --autocast --deterministic --gc \
+                                          --shapes 8x8x100x256 --reps 5
 
 Time mode: the recipe's batch layout (G consecutive rows per prompt; prompts of prompt_len-2..prompt_len+2 random
 tokens left-padded, completions of T/2..T tokens right-padded), the recipe's call (``completion_logprobs`` with
@@ -54,17 +57,25 @@ def make_batch(n_prompts: int, group: int, prompt_len: int, T: int, vocab: int, 
     return ids, am, cm, adv
 
 
-def step(model, ids, am, cm, adv, T, **kw):
+def step(model, ids, am, cm, adv, T, autocast=False, deterministic=False, **kw):
     """One forward+backward as the recipe does it: returns (seconds, log-probs, grads)."""
+    import torch
+
     from rlswift.algorithms.logprobs import completion_logprobs
+    from rlswift.models.device import deterministic_kernels
 
     model.zero_grad(set_to_none=True)
+    dev = ids.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
-    lp, ent = completion_logprobs(model, ids, am, T, temperature=0.9, return_entropy=True, **kw)
-    loss = -(adv[:, None] * lp * cm).sum() / cm.sum()  # the dapo-style token sum the recipe's default uses
-    loss.backward()
+    with deterministic_kernels(deterministic), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+        lp, ent = completion_logprobs(model, ids, am, T, temperature=0.9, return_entropy=True, **kw)
+        loss = -(adv[:, None] * lp.float() * cm).sum() / cm.sum()  # the dapo-style token sum the recipe's default uses
+        loss.backward()
+    sync()
     dt = time.perf_counter() - t0
-    return dt, lp.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return dt, lp.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 def time_mode(a) -> None:
@@ -75,9 +86,18 @@ def time_mode(a) -> None:
     from rlswift.models import resolve_model
 
     path = resolve_model(a.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
-    print(f"model {path.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), fp32, "
-          f"{_bench.threads_note()}; shared-prompt support: {shared_prompt_fallback_reason(model) or 'yes'}")
+    device = torch.device(a.device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).train()
+    if a.gc:
+        from rlswift.models.device import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    run = {"autocast": a.autocast, "deterministic": a.deterministic}
+    print(f"model {path.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), fp32 weights"
+          f"{', bf16 autocast' if a.autocast else ''}, on {device}"
+          f"{', deterministic kernels' if a.deterministic else ''}"
+          f"{', gradient checkpointing' if a.gc else ''}, {_bench.threads_note()}; shared-prompt support: "
+          f"{shared_prompt_fallback_reason(model) or 'yes'}")
     variants = {"plain": {}, "shared": {"shared_prompt": True},
                 "shared+packed": {"shared_prompt": True, "pack_completions": True},
                 f"plain+chunk{a.chunk_size}": {"chunk_size": a.chunk_size},
@@ -85,18 +105,18 @@ def time_mode(a) -> None:
     results = []
     for shape in a.shapes.split(","):
         n, G, plen, T = map(int, shape.split("x"))
-        ids, am, cm, adv = make_batch(n, G, plen, T, model.config.vocab_size)
+        ids, am, cm, adv = (x.to(device) for x in make_batch(n, G, plen, T, model.config.vocab_size))
         print(f"\n== {n} prompts x {G} samples, prompts ~{plen} tokens (P={ids.shape[1] - T}), completions <= {T} "
               f"(batch {tuple(ids.shape)})")
         times = {k: [] for k in variants}
-        _, lp0, g0 = step(model, ids, am, cm, adv, T)  # warm-up + the reference for the accuracy line
+        _, lp0, g0 = step(model, ids, am, cm, adv, T, **run)  # warm-up + the reference for the accuracy line
         g0 = {k: v.clone() for k, v in g0.items()}
-        _, lp1, g1 = step(model, ids, am, cm, adv, T, shared_prompt=True)
+        _, lp1, g1 = step(model, ids, am, cm, adv, T, shared_prompt=True, **run)
         lp_diff = float((lp1 - lp0).abs()[cm.bool()].max())  # padding positions are masked out of the loss
         grad_rel = max(float((g1[k] - g0[k]).abs().max() / g0[k].abs().max()) for k in g0)
         for _ in range(a.reps):
             for name, kw in variants.items():
-                times[name].append(step(model, ids, am, cm, adv, T, **kw)[0])
+                times[name].append(step(model, ids, am, cm, adv, T, **run, **kw)[0])
         base = _bench.median(times["plain"])
         print(f"{'variant':<22}{'min (s)':>10}{'median (s)':>12}{'median / plain':>16}")
         for name, ts in times.items():
@@ -190,6 +210,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed rounds per variant after one warm-up (default 3)")
     ap.add_argument("--chunk-size", type=int, default=256, help="chunk size of the chunked-head variants")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS (default 1)")
+    ap.add_argument("--device", default="cpu", help="time mode: cpu or cuda (default cpu)")
+    ap.add_argument("--autocast", action="store_true", help="time mode: bf16 autocast (the recipe's bf16-mixed)")
+    ap.add_argument("--deterministic", action="store_true", help="time mode: the recipe's deterministic kernels")
+    ap.add_argument("--gc", action="store_true", help="time mode: gradient checkpointing (non-reentrant)")
     ap.add_argument("--memory", action="store_true", help="measure the LM head's peak memory instead of time")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--_memory-child", default=None, help=argparse.SUPPRESS)

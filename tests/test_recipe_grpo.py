@@ -53,7 +53,10 @@ def test_run_folder_and_learning_signal(reference):
     assert all(m["grad_norm"] > 0 for m in metrics)
     assert sorted(p.name for p in reference.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
     assert (reference / "latest").read_text().strip() == "checkpoint-8"
-    assert (reference / "config.yaml").exists()
+    import yaml
+
+    resolved = yaml.safe_load((reference / "config.yaml").read_text())
+    assert (resolved["device"], resolved["precision"], resolved["shared_prompt"]) == ("cpu", "fp32", True)
     from rlswift.checkpoint.inspect import read_hook_states
 
     state = read_hook_states(reference / "checkpoint-8")

@@ -175,9 +175,11 @@ class GRPOConfig:
     """Bit-reproducible training kernels (torch's deterministic algorithms during training, cuDNN attention off).
     Needed for exact resume on GPU: without it two processes compute different gradients from the same batch
     (docs/reproducibility.md). false = TRL's (faster, non-reproducible) kernels."""
-    shared_prompt: bool = True
+    shared_prompt: bool | None = None
     """Compute each prompt once per group in the training forward (its KV shared by the G completions; exact
-    gradients). Falls back to the per-row forward, saying why, for models it does not support."""
+    gradients). Unset = on when training on the CPU, off on CUDA (on an H200 it slowed the training phase of a
+    0.5B model at 8 x 8 x <= 256 tokens: scripts/README.md). Falls back to the per-row forward, saying why, for
+    models it does not support."""
     pack_completions: bool = True
     """With shared_prompt (sdpa attention): only the completions' real tokens go through the layers and the LM head,
     not rows padded to the longest (attention still per row; exact gradients; padding positions' log-probs are 0
@@ -526,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(cfg.precision, device)
     # The resolved choices are what the run computes with: they go into config.yaml and every checkpoint.
     cfg.device, cfg.precision = device.type, precision.name
+    if cfg.shared_prompt is None:  # it saves FLOPs, which bound a CPU step; a GPU step at these sizes is not
+        cfg.shared_prompt = device.type == "cpu"
     try:
         agree_config(cfglib.to_dict(cfg), info)  # rank 0's config is the truth; any difference stops every rank
     except ConfigMismatchError as e:
