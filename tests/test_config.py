@@ -109,7 +109,7 @@ def test_grpo_computing_keys_added_later_keep_old_runs_numerics():
     # a resume under today's defaults is refused, naming the keys, and one with the old values passes.
     from rlswift.recipes.grpo import RESUMABLE_KEYS, GRPOConfig, migrate_config
 
-    today = cfglib.to_dict(GRPOConfig())
+    today = cfglib.to_dict(GRPOConfig(shared_prompt=True))  # today's defaults as main resolves them on the CPU
     old = {k: v for k, v in today.items() if k not in ("shared_prompt", "pack_completions")}
     saved = migrate_config(dict(old))
     assert saved["shared_prompt"] is False and saved["pack_completions"] is False
@@ -118,6 +118,6 @@ def test_grpo_computing_keys_added_later_keep_old_runs_numerics():
     same = cfglib.to_dict(cfglib.load(GRPOConfig, None, ["shared_prompt=false", "pack_completions=false"]))
     assert cfglib.changed_keys(saved, same, RESUMABLE_KEYS, defaults=today) == []
     # A run saved with packing keeps it; turning it off on resume is refused like any computing key.
-    off = cfglib.to_dict(cfglib.load(GRPOConfig, None, ["pack_completions=false"]))
+    off = cfglib.to_dict(cfglib.load(GRPOConfig, None, ["shared_prompt=true", "pack_completions=false"]))
     assert cfglib.changed_keys(migrate_config(dict(today)), off, RESUMABLE_KEYS, defaults=today) == [
         "pack_completions: True -> False"]
