@@ -124,10 +124,27 @@ def time_mode(a) -> None:
         print(f"shared vs plain: max |d logprob| on completion tokens {lp_diff:.2e}, max over parameters of "
               f"max |d grad| / max |grad| {grad_rel:.2e}")
         results.append({"shape": shape, "times": times, "lp_diff": lp_diff, "grad_rel": grad_rel})
+        for name in (a.profile.split(",") if a.profile else []):
+            profile(name, lambda: step(model, ids, am, cm, adv, T, **run, **variants[name]), device)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": str(path), "threads": os.environ["OMP_NUM_THREADS"], "results": results}, f, indent=1)
+
+
+def profile(name: str, fn, device) -> None:
+    """torch.profiler of one more call of ``fn``: the ops that took the most (device) time, and the kernel count."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if device.type == "cuda" else 0
+    print(f"\n-- profile of {name}: {kernels} device kernels launched")
+    print(events.table(sort_by=key, row_limit=22, max_name_column_width=60))
 
 
 def _rss_bytes() -> int:
@@ -214,6 +231,7 @@ def main() -> None:
     ap.add_argument("--autocast", action="store_true", help="time mode: bf16 autocast (the recipe's bf16-mixed)")
     ap.add_argument("--deterministic", action="store_true", help="time mode: the recipe's deterministic kernels")
     ap.add_argument("--gc", action="store_true", help="time mode: gradient checkpointing (non-reentrant)")
+    ap.add_argument("--profile", default="", help="time mode: variants to profile once per shape (e.g. plain,shared)")
     ap.add_argument("--memory", action="store_true", help="measure the LM head's peak memory instead of time")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--_memory-child", default=None, help=argparse.SUPPRESS)

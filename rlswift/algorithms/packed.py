@@ -89,12 +89,38 @@ def flat_prompt_cache(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(1, h, U * p, d)
 
 
+class _Move(torch.autograd.Function):
+    """``x.index_select(dim, index)``, where ``index == x.shape[dim]`` reads zeros, with a gather for its backward.
+
+    Every source position lands in at most one place (``inverse[i]``: where position i went, or the output's size
+    where nowhere), so the gradient is moved back, never added up. Indexing's own backward (``index_put_`` with
+    accumulate) would give the same values, but under deterministic algorithms on CUDA it sorts the indices: 43% of
+    a packed training step's GPU time on an H200 (scripts/README.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.dim = dim
+        ctx.save_for_backward(inverse)
+        return _select(x, dim, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return _select(grad.contiguous(), ctx.dim, inverse), None, None, None
+
+
+def _select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    zeros = x.new_zeros(*x.shape[:dim], 1, *x.shape[dim + 1:])
+    return torch.cat([x, zeros], dim=dim).index_select(dim, index)
+
+
 def _rows(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-    """``[1, h, M, d]`` -> ``[B, h, T, d]``, zeros at padding (an index: backward adds each to its one source)."""
+    """``[1, h, M, d]`` -> ``[B, h, T, d]``, zeros at padding (``_Move``: each real token goes to one place)."""
     h, d = x.shape[1], x.shape[3]
     B, T = layout.unpack.shape
-    padded = torch.cat([x[0], x.new_zeros(h, 1, d)], dim=1)  # [h, M + 1, d]
-    return padded[:, layout.unpack.reshape(-1)].view(h, B, T, d).transpose(0, 1)
+    out = _Move.apply(x[0], 1, layout.unpack.reshape(-1), layout.flat)  # [h, B * T, d]
+    return out.view(h, B, T, d).transpose(0, 1)
 
 
 def _expand(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -120,7 +146,8 @@ def _attend(query, key, value, attn_mask, dropout_p=0.0, is_causal=False, scale=
         _rows(query, layout), kv(key), kv(value), attn_mask=attn_mask.as_subclass(torch.Tensor), dropout_p=dropout_p,
         is_causal=is_causal, scale=scale, **extra)  # [B, nh, T, d]
     nh, d = out.shape[1], out.shape[3]
-    return out.transpose(0, 1).reshape(nh, -1, d)[:, layout.flat].unsqueeze(0)  # [1, nh, M, d]
+    rows = out.transpose(0, 1).reshape(nh, -1, d)  # [nh, B * T, d]
+    return _Move.apply(rows, 1, layout.flat, layout.unpack.reshape(-1)).unsqueeze(0)  # [1, nh, M, d]
 
 
 class PackedMask(torch.Tensor):
@@ -144,6 +171,5 @@ class PackedMask(torch.Tensor):
 def unpack_rows(scores: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """Scores of the M real tokens ``[M]`` -> ``[B, T]`` in the rows' completion columns, 0 at padding.
 
-    Differentiable (an index: its backward adds each position's gradient to its one source)."""
-    padded = torch.cat([scores, scores.new_zeros(1)])
-    return padded[layout.unpack]
+    Differentiable (``_Move``: its backward moves each position's gradient to its one source)."""
+    return _Move.apply(scores, 0, layout.unpack.reshape(-1), layout.flat).view(layout.unpack.shape)
