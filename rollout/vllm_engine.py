@@ -204,6 +204,9 @@ class VLLMEngine:
                 # lets them share it: a third of the rollout on SmolLM2, 4 x 4 samples of 46-token prompts (the
                 # tokens and logprobs are bit-identical to 128's; scripts/README.md).
                 block_size = CPU_BLOCK_SIZE
+            if block_size is not None and block_size % CPU_BLOCK_SIZE:
+                raise ValueError(f"block_size={block_size}: vLLM's CPU attention takes multiples of {CPU_BLOCK_SIZE} "
+                                 f"tokens; use {CPU_BLOCK_SIZE} (the CPU default) or a multiple")
             if gpu_memory_utilization is not None:
                 self._ignore("gpu_memory_utilization", "the CPU backend sizes its KV cache from kv_cache_gib")
             if enforce_eager is False:

@@ -234,6 +234,7 @@ def test_settings_are_validated_before_vllm_starts(tiny_model_dir):
            ({"max_num_seqs": 0}, "max_num_seqs must be a positive int"),
            ({"max_num_batched_tokens": 2.5}, "max_num_batched_tokens must be a positive int"),
            ({"block_size": 0}, "block_size must be a positive int"),
+           ({"block_size": 16}, "block_size=16: vLLM's CPU attention takes multiples of 32"),
            ({"sleep_level": 3}, "sleep_level must be 1"),
            ({"sync_method": "fast"}, "sync_method must be one of"),
            ({"enforce_eager": "yes"}, "enforce_eager must be"),
