@@ -128,8 +128,7 @@ class VLLMEngine:
     KV cache, default 0.5 so a trainer fits beside it), ``enforce_eager`` (CUDA graphs off), ``max_num_seqs`` and
     ``max_num_batched_tokens`` (scheduler batch limits), ``block_size`` (KV block tokens; on CPU with prefix caching
     the default is 32 instead of vLLM's 128, so the samples of a group share their prompt's blocks),
-    ``enable_sleep_mode`` / ``sleep_level`` (see the module
-    doc), ``kv_cache_gib`` (CPU KV cache). A setting that does not apply on this platform is ignored, listed in
+    ``enable_sleep_mode`` / ``sleep_level`` (see the module doc), ``kv_cache_gib`` (CPU KV cache). A setting that does not apply on this platform is ignored, listed in
     ``stats()["ignored_settings"]`` with the reason, and warned about once. ``llm_kwargs`` go to ``vllm.LLM`` as is.
     """
 
@@ -201,7 +200,7 @@ class VLLMEngine:
             if block_size is None and enable_prefix_caching:
                 # The CPU backend's default KV block is 128 tokens, and only whole blocks are shared: a GRPO group's
                 # G requests of a shorter prompt each prefill it in full. 32 (the smallest the CPU attention takes)
-                # lets them share it: a third of the rollout on SmolLM2, 4 x 4 samples of 46-token prompts (the
+                # lets them share it: -23% rollout time on SmolLM2, 4 x 4 samples of 46-token prompts (the
                 # tokens and logprobs are bit-identical to 128's; scripts/README.md).
                 block_size = CPU_BLOCK_SIZE
             if block_size is not None and block_size % CPU_BLOCK_SIZE:
