@@ -128,8 +128,9 @@ class VLLMEngine:
     KV cache, default 0.5 so a trainer fits beside it), ``enforce_eager`` (CUDA graphs off), ``max_num_seqs`` and
     ``max_num_batched_tokens`` (scheduler batch limits), ``block_size`` (KV block tokens; on CPU with prefix caching
     the default is 32 instead of vLLM's 128, so the samples of a group share their prompt's blocks),
-    ``enable_sleep_mode`` / ``sleep_level`` (see the module doc), ``kv_cache_gib`` (CPU KV cache). A setting that does not apply on this platform is ignored, listed in
-    ``stats()["ignored_settings"]`` with the reason, and warned about once. ``llm_kwargs`` go to ``vllm.LLM`` as is.
+    ``enable_sleep_mode`` / ``sleep_level`` (see the module doc), ``kv_cache_gib`` (CPU KV cache). A setting that
+    does not apply on this platform is ignored, listed in ``stats()["ignored_settings"]`` with the reason, and warned
+    about once. ``llm_kwargs`` go to ``vllm.LLM`` as is.
     """
 
     def __init__(

@@ -142,7 +142,7 @@ def profile(name: str, fn, device) -> None:
         fn()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
-    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if device.type == "cuda" else 0
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     print(f"\n-- profile of {name}: {kernels} device kernels launched")
     print(events.table(sort_by=key, row_limit=22, max_name_column_width=60))
 

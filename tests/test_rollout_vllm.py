@@ -31,6 +31,21 @@ def ref(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
 
 
+def generate_in_a_fresh_process(model_dir, requests: list[tuple[list[int], list[int]]], **engine_kwargs):
+    """``(block_size, [[completion_ids, logprobs], ...])`` of a VLLMEngine started in another process, sampling the
+    (prompt, seeds) requests with SPEC. (Closing a second in-process engine would tear down the first one's groups.)"""
+    code = (
+        "import json; from rollout.vllm_engine import VLLMEngine; from rollout.types import Request, SamplingSpec\n"
+        f"e = VLLMEngine({str(model_dir)!r}, max_model_len=512, kv_cache_gib=1, **{engine_kwargs!r})\n"
+        f"outs = e.generate([Request(p, seeds, {SPEC!r}) for p, seeds in {requests!r}])\n"
+        "print('RESULT' + json.dumps([e.llm.llm_engine.vllm_config.cache_config.block_size,\n"
+        "                             [[o.completion_ids, o.logprobs] for o in outs]]))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=300)
+    return json.loads([x for x in out.stdout.splitlines() if x.startswith("RESULT")][-1][len("RESULT"):])
+
+
 def test_seeds_and_order(engine):
     a, b, c = engine.generate([Request(prompts(1)[0], [11, 11, 12], SPEC)])
     assert a.completion_ids == b.completion_ids and len(a.logprobs) == len(a.completion_ids) > 0
@@ -65,18 +80,9 @@ def test_a_group_shares_its_prompt_blocks_on_cpu_with_the_same_tokens(engine, ti
                                [SamplingParams(seed=s, max_tokens=2) for s in range(12)], use_tqdm=False)
     assert [o.num_cached_tokens for o in outs] == [0, 64, 64, 64] * 3  # 2 whole blocks of 32 shared
 
-    # 128-token blocks in another process (closing a second in-process engine tears down the first one's groups).
-    code = (
-        "import json; from rollout.vllm_engine import VLLMEngine; from rollout.types import Request, SamplingSpec\n"
-        f"e = VLLMEngine({str(tiny_model_dir)!r}, max_model_len=512, kv_cache_gib=1, block_size=128)\n"
-        "assert e.llm.llm_engine.vllm_config.cache_config.block_size == 128\n"
-        "s = SamplingSpec(top_k=50, top_p=0.95, max_tokens=12)\n"
-        f"reqs = [Request(p, [40 + i, 50 + i, 60 + i, 70 + i], s) for i, p in enumerate({group_prompts!r})]\n"
-        "print('RESULT' + json.dumps([[o.completion_ids, o.logprobs] for o in e.generate(reqs)]))"
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=300)
-    want = json.loads([x for x in out.stdout.splitlines() if x.startswith("RESULT")][-1][len("RESULT"):])
+    block_size, want = generate_in_a_fresh_process(tiny_model_dir, [(r.prompt_ids, r.seeds) for r in reqs],
+                                                   block_size=128)
+    assert block_size == 128
     assert [o.completion_ids for o in got] == [ids for ids, _ in want]
     assert [o.logprobs for o in got] == [lps for _, lps in want]  # bit for bit
 
@@ -132,17 +138,8 @@ def test_same_tokens_in_another_process(engine, tiny_model_dir, ref):
     engine.update_weights(ref.named_parameters())
     reqs = [Request(p, [100 + i, 7], SPEC) for i, p in enumerate(prompts(3))]
     here = [o.completion_ids for o in engine.generate(reqs)]
-    code = (
-        "import json; from rollout.vllm_engine import VLLMEngine; from rollout.types import Request, SamplingSpec\n"
-        f"e = VLLMEngine({str(tiny_model_dir)!r}, max_model_len=512, kv_cache_gib=1, seed=123)\n"
-        "s = SamplingSpec(top_k=50, top_p=0.95, max_tokens=12)\n"
-        f"reqs = [Request(p, [100 + i, 7], s) for i, p in enumerate({prompts(3)!r})]\n"
-        "print('RESULT' + json.dumps([o.completion_ids for o in e.generate(reqs)]))"
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=300)
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")][-1]
-    assert json.loads(line[len("RESULT"):]) == here
+    _, there = generate_in_a_fresh_process(tiny_model_dir, [(r.prompt_ids, r.seeds) for r in reqs], seed=123)
+    assert [ids for ids, _ in there] == here
 
 
 def test_lora_policy_syncs_merged_weights_and_never_twice(engine, tiny_model_dir):

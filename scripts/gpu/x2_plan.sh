@@ -48,6 +48,14 @@ bench() {  # NAME ARGS...: scripts/bench_grpo_gpu.py on the 0.5B model (8 steps)
   sed -n '/^== GRPO/,$p' $R/$name.log >> $R/summary.txt
 }
 left() { echo $(( END - $(date +%s) )); }
+# The engine on GPU 1 (weights over NCCL), the trainer on GPU 0.
+REMOTE="engine=remote remote.cuda_visible_devices=1 device=cuda:0"
+remote_bench() {  # NAME SIDES: sync and one-step-async rlswift with the remote engine (+ any other sides)
+  bench "$1" --order "$2" --variant remote "$REMOTE" --variant remote_async "$REMOTE async_generation=true"
+}
+dist_vllm() {  # the 0.5B model under torchrun on both GPUs, one vLLM per rank, both ranks SIGKILLed in step 3
+  verify v_dist_vllm --recipe grpo --steps 4 --kill-at 3 --nproc 2 "${GRPO05[@]}" vllm.enforce_eager=true
+}
 
 case $stage in
   prep)  # session.sh's unpack + setup (each call may carry one more vLLM piece), then the verify runs' prompts
@@ -79,14 +87,11 @@ case $stage in
       bench b_colocate --order rlswift,nodet,trl --variant nodet "deterministic=false" ) &
     wait
     # phase B: the engine on GPU 1, the trainer on GPU 0; TRL's server mode the same way
-    REMOTE="engine=remote remote.cuda_visible_devices=1 device=cuda:0"
-    [ $(left) -gt 420 ] && bench b_remote --order remote,remote_async,trl_server --variant remote "$REMOTE" \
-      --variant remote_async "$REMOTE async_generation=true"
+    [ $(left) -gt 420 ] && remote_bench b_remote remote,remote_async,trl_server
     # phase C: async verify-resume across the two GPUs; then vLLM under torchrun on both
     [ $(left) -gt 200 ] && verify v_async_kill --recipe grpo --steps 4 --kill-at 3 "${GRPO05[@]}" $REMOTE \
       async_generation=true vllm.enforce_eager=true
-    [ $(left) -gt 240 ] && verify v_dist_vllm --recipe grpo --steps 4 --kill-at 3 --nproc 2 "${GRPO05[@]}" \
-      vllm.enforce_eager=true
+    [ $(left) -gt 240 ] && dist_vllm
     echo "[$(date +%T)] plan done" >> $R/summary.txt ;;
   plan2)  # phase A, one lane per GPU: #15's A/B of the shared-prompt forward and packed completions vs TRL colocate
     END=${1:?END_EPOCH}
@@ -98,11 +103,8 @@ case $stage in
     wait
     # phase B, both GPUs: #11 vLLM per rank under torchrun across a kill, bit for bit; #14 the async split with the
     # server's own generation time (timing.engine_generate)
-    [ $(left) -gt 240 ] && verify v_dist_vllm --recipe grpo --steps 4 --kill-at 3 --nproc 2 "${GRPO05[@]}" \
-      vllm.enforce_eager=true
-    REMOTE="engine=remote remote.cuda_visible_devices=1 device=cuda:0"
-    [ $(left) -gt 300 ] && bench b_remote2 --order remote,remote_async --variant remote "$REMOTE" \
-      --variant remote_async "$REMOTE async_generation=true"
+    [ $(left) -gt 240 ] && dist_vllm
+    [ $(left) -gt 300 ] && remote_bench b_remote2 remote,remote_async
     echo "[$(date +%T)] plan done" >> $R/summary.txt ;;
   collect)
     t=$(date +%s)
